@@ -47,7 +47,7 @@ def adapter_dir(base_dir, tmp_path_factory):
     peft_model = get_peft_model(fb.model, config)
     torch.manual_seed(0)
     with torch.no_grad():  # stand-in for training: non-zero LoRA B and new mark rows
-        for name, p in peft_model.named_parameters():
+        for p in peft_model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.5)
     path = tmp_path_factory.mktemp("adapter")
