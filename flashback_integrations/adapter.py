@@ -82,9 +82,7 @@ def save_adapter(
     # 135M-model adapter ~100 MB, so skip them when the rows are covered that way.
     configs = getattr(peft_model, "peft_config", {}).values()
     rows_only = any(getattr(c, "trainable_token_indices", None) for c in configs)
-    peft_model.save_pretrained(
-        directory, safe_serialization=True, save_embedding_layers=False if rows_only else "auto"
-    )
+    peft_model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False if rows_only else "auto")
     tokenizer.save_pretrained(directory)
     manifest.save(directory)
 

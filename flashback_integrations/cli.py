@@ -26,11 +26,17 @@ def sample_corpus_dir() -> Path:
     return Path(str(resources.files("flashback_integrations") / "data" / "sample_corpus"))
 
 
+def _passage_label(p) -> str:
+    if "source_name" in p.metadata:
+        return f"{p.metadata['source_name']}#{p.metadata.get('chunk_index', '?')}"
+    return Path(p.id).name if p.id else "?"
+
+
 def _print_retrieval(r: Retrieval) -> None:
     if r.error:
         console.print(f"[yellow]  retrieval @ token {r.step} skipped:[/] {escape(r.error)}")
         return
-    ids = escape(", ".join(Path(p.id).name if p.id else "?" for p in r.passages) or "none")
+    ids = escape(", ".join(_passage_label(p) for p in r.passages) or "none")
     console.print(
         f"[cyan]  retrieval @ token {r.step}[/] query={escape(repr(r.query[-60:]))} -> {ids}: "
         f"block={r.block_tokens} tok, kept {r.reused_tokens} cached, recomputed {r.prefill_tokens}, "
@@ -45,8 +51,7 @@ def _load(model: str, adapter: str | None):
         started = time.perf_counter()
         fb = FlashBackModel.from_pretrained(model, adapter=adapter)
     console.print(
-        f"[dim]loaded {fb.name} in {time.perf_counter() - started:.1f}s; marks available: "
-        f"{fb.mark_ids is not None}[/]"
+        f"[dim]loaded {fb.name} in {time.perf_counter() - started:.1f}s; marks available: {fb.mark_ids is not None}[/]"
     )
     return fb
 
@@ -54,9 +59,7 @@ def _load(model: str, adapter: str | None):
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
-    corpus: Annotated[
-        list[Path] | None, typer.Option("--corpus", "-c", help="Text files/folders for BM25.")
-    ] = None,
+    corpus: Annotated[list[Path] | None, typer.Option("--corpus", "-c", help="Text files/folders for BM25.")] = None,
     model: Annotated[str, typer.Option(help="'default', a hub id or a local path.")] = "default",
     adapter: Annotated[str | None, typer.Option(help="FlashBack adapter directory.")] = None,
     mode: Annotated[str, typer.Option(help="append | prepend | none")] = "append",
@@ -64,9 +67,7 @@ def generate(
     query_tokens: Annotated[int, typer.Option(help="Query = text of the last N tokens.")] = 32,
     top_k: Annotated[int, typer.Option(help="Passages per retrieval.")] = 1,
     max_doc_tokens: Annotated[int, typer.Option(help="Tokens kept of each passage.")] = 128,
-    marks: Annotated[
-        bool | None, typer.Option("--marks/--no-marks", help="Marking tokens (default: auto).")
-    ] = None,
+    marks: Annotated[bool | None, typer.Option("--marks/--no-marks", help="Marking tokens (default: auto).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
@@ -122,6 +123,19 @@ def generate(
         raise typer.Exit(2) from exc
 
 
+SAMPLE_COLLECTION = "flashback-sample"
+PersistDir = Annotated[
+    Path | None,
+    typer.Option("--persist-dir", help="Embedded store folder (default: $FLASHBACK_HOME/chroma)."),
+]
+
+
+def default_dir() -> Path:
+    from .store import default_persist_dir
+
+    return default_persist_dir()
+
+
 DEMO_QUESTIONS = (
     "How do I pretty-print JSON with the json module?",
     "How do I serve the files of a folder over HTTP from Python?",
@@ -135,23 +149,36 @@ def demo(
     adapter: Annotated[str | None, typer.Option(help="FlashBack adapter directory.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 64,
     stride: Annotated[int, typer.Option(help="Retrieve every N tokens.")] = 16,
+    persist_dir: PersistDir = None,
 ) -> None:
     """Answer questions with retrieval over the bundled corpus, then time the three modes."""
-    from .retrieval import BM25Retriever
+    from .store import ChromaRetriever, Embedder, connect, ingest
 
     corpus = sample_corpus_dir()
-    retriever = BM25Retriever.from_files([corpus], chunk_words=60)
-    console.print(f"[dim]BM25 over {len(retriever.texts)} chunks of {escape(str(corpus))}[/]")
     fb = _load(model, adapter)
+    client = connect(persist_dir)
+    report = ingest(
+        client,
+        SAMPLE_COLLECTION,
+        [corpus],
+        fb.tokenizer,
+        _tokenizer_label(model),
+        Embedder(),
+        chunk_tokens=64,
+        progress=False,
+    )
+    retriever = ChromaRetriever(SAMPLE_COLLECTION, client=client)
+    console.print(
+        f"[dim]Chroma collection {SAMPLE_COLLECTION!r} at {escape(str(persist_dir or default_dir()))}: "
+        f"{report.chunks_total} chunks of {escape(str(corpus))} ({report.chunks_added} added now)[/]"
+    )
     base = FlashBackConfig(stride=stride, query_tokens=32, top_k=1, max_doc_tokens=128)
     prompts = [fb.chat_ids([{"role": "user", "content": q}]) for q in DEMO_QUESTIONS]
     fb.generate(prompts[0], max_new_tokens=2, config=base.replace(mode="none"))  # warm-up
     for question, prompt in zip(DEMO_QUESTIONS, prompts, strict=True):
         console.rule()
         console.print(f"[bold]Q: {escape(question)}[/]")
-        result = fb.generate(
-            prompt, retriever, config=base, max_new_tokens=max_new_tokens, first_query=question
-        )
+        result = fb.generate(prompt, retriever, config=base, max_new_tokens=max_new_tokens, first_query=question)
         console.print(f"[green]A: {escape(result.text.strip())}[/]", highlight=False)
         for r in result.retrievals:
             _print_retrieval(r)
@@ -187,6 +214,171 @@ def demo(
             "[dim]This model has no marking tokens (no FlashBack adapter yet): append runs without "
             "marks, which an untrained model reads poorly.[/]"
         )
+
+
+index_app = typer.Typer(
+    help="Build and inspect Chroma collections (embedded or a Chroma server).", no_args_is_help=True
+)
+app.add_typer(index_app, name="index")
+
+ChromaHost = Annotated[str | None, typer.Option("--chroma-host", help="Use a Chroma server at this host.")]
+ChromaPort = Annotated[int, typer.Option("--chroma-port", help="Chroma server port.")]
+
+
+def _client(persist_dir: Path | None, host: str | None, port: int):
+    from .store import connect
+
+    return connect(persist_dir, host, port)
+
+
+def load_tokenizer(name: str):
+    """The reader model's tokenizer, used to size chunks in the reader's own tokens."""
+    from transformers import AutoTokenizer
+
+    from .resolve import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(name))
+
+
+def _tokenizer_label(name: str) -> str:
+    from .resolve import DEFAULT_MODEL_ID
+
+    return DEFAULT_MODEL_ID if name == "default" else name
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    err_console.print(f"[red]error:[/] {escape(str(exc))}")
+    return typer.Exit(2)
+
+
+@index_app.command("add")
+def index_add(
+    paths: Annotated[list[Path], typer.Argument(help="Files and folders to ingest.")],
+    collection: Annotated[str, typer.Option("--collection", help="Collection name.")],
+    persist_dir: PersistDir = None,
+    chroma_host: ChromaHost = None,
+    chroma_port: ChromaPort = 8000,
+    chunk_tokens: Annotated[int, typer.Option(help="Chunk size in reader tokens.")] = 128,
+    overlap: Annotated[int, typer.Option(help="Tokens shared by consecutive chunks.")] = 0,
+    tokenizer: Annotated[str, typer.Option(help="Reader model whose tokenizer sizes chunks.")] = "default",
+    embedding_model: Annotated[str, typer.Option(help="sentence-transformers name or path.")] = "default",
+    batch_size: Annotated[int, typer.Option(help="Chunks per embedding/write batch.")] = 64,
+) -> None:
+    """Chunk, embed and store files; re-running adds nothing, a changed file replaces its chunks."""
+    from .store import Embedder, ingest
+
+    try:
+        client = _client(persist_dir, chroma_host, chroma_port)
+        report = ingest(
+            client,
+            collection,
+            paths,
+            load_tokenizer(tokenizer),
+            _tokenizer_label(tokenizer),
+            Embedder(embedding_model),
+            chunk_tokens=chunk_tokens,
+            overlap=overlap,
+            batch_size=batch_size,
+        )
+    except FlashBackError as exc:
+        raise _fail(exc) from exc
+    console.print(
+        f"{report.files_indexed} files indexed of {report.files_seen}: {report.chunks_added} chunks added, "
+        f"{report.chunks_unchanged} unchanged, {report.chunks_removed} removed; collection {collection!r} "
+        f"holds {report.chunks_total} chunks ({report.seconds:.1f}s)."
+    )
+    for label, items in (
+        ("skipped (binary)", report.skipped_binary),
+        ("skipped (empty)", report.skipped_empty),
+        ("not valid UTF-8, decoded with replacement", report.decoded_with_replacement),
+    ):
+        if items:
+            console.print(
+                f"[yellow]{len(items)} {label}:[/] "
+                + escape(", ".join(items[:10]))
+                + (" ..." if len(items) > 10 else "")
+            )
+
+
+@index_app.command("list")
+def index_list(persist_dir: PersistDir = None, chroma_host: ChromaHost = None, chroma_port: ChromaPort = 8000) -> None:
+    """Collection names and chunk counts."""
+    from .store import collection_names, get_collection
+
+    try:
+        client = _client(persist_dir, chroma_host, chroma_port)
+        names = collection_names(client)
+    except FlashBackError as exc:
+        raise _fail(exc) from exc
+    if not names:
+        console.print("(no collections)")
+    for name in names:
+        console.print(f"{name}\t{get_collection(client, name).count()} chunks")
+
+
+@index_app.command("stats")
+def index_stats(
+    name: str, persist_dir: PersistDir = None, chroma_host: ChromaHost = None, chroma_port: ChromaPort = 8000
+) -> None:
+    """Chunks, sources and build settings of one collection."""
+    from .store import collection_stats
+
+    try:
+        stats = collection_stats(_client(persist_dir, chroma_host, chroma_port), name)
+    except FlashBackError as exc:
+        raise _fail(exc) from exc
+    console.print(f"collection {escape(name)}: {stats['chunks']} chunks from {stats['sources']} sources")
+    for key, value in sorted(stats["metadata"].items()):
+        console.print(f"  {escape(key)}: {escape(str(value))}")
+
+
+@index_app.command("delete")
+def index_delete(
+    name: str,
+    persist_dir: PersistDir = None,
+    chroma_host: ChromaHost = None,
+    chroma_port: ChromaPort = 8000,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete a collection and its chunks."""
+    from .store import delete_collection
+
+    if not yes:
+        typer.confirm(f"Delete collection {name!r} and all its chunks?", abort=True)
+    try:
+        delete_collection(_client(persist_dir, chroma_host, chroma_port), name)
+    except FlashBackError as exc:
+        raise _fail(exc) from exc
+    console.print(f"deleted {name!r}")
+
+
+@index_app.command("query")
+def index_query(
+    name: str,
+    text: str,
+    k: Annotated[int, typer.Option("-k", help="Results.")] = 3,
+    persist_dir: PersistDir = None,
+    chroma_host: ChromaHost = None,
+    chroma_port: ChromaPort = 8000,
+    embedding_model: Annotated[str | None, typer.Option(help="Defaults to the one that built it.")] = None,
+    bm25: Annotated[bool, typer.Option("--bm25", help="BM25 over the same chunks.")] = False,
+) -> None:
+    """Show what retrieval returns for TEXT."""
+    from .retrieval import BM25Retriever
+    from .store import ChromaRetriever, get_collection
+
+    try:
+        client = _client(persist_dir, chroma_host, chroma_port)
+        if bm25:
+            passages = BM25Retriever.from_collection(get_collection(client, name)).retrieve(text, k)
+        else:
+            passages = ChromaRetriever(name, client=client, embedding_model=embedding_model).retrieve(text, k)
+    except FlashBackError as exc:
+        raise _fail(exc) from exc
+    for i, p in enumerate(passages, 1):
+        where = f"{p.metadata.get('source_name', '?')} chars {p.metadata.get('start')}-{p.metadata.get('end')}"
+        console.print(f"[cyan]{i}. score {p.score:.3f}  {escape(where)}[/]")
+        console.print(escape(p.text.strip()[:400]), highlight=False)
 
 
 def main() -> None:  # pragma: no cover

@@ -47,9 +47,7 @@ class FlashBackConfig:
         if self.on_retrieval_error not in ON_ERROR:
             raise ConfigError(f"on_retrieval_error={self.on_retrieval_error!r} is not one of {ON_ERROR}.")
         if self.retrieval_timeout is not None and not self.retrieval_timeout > 0:
-            raise ConfigError(
-                f"retrieval_timeout must be > 0 seconds or None, got {self.retrieval_timeout!r}."
-            )
+            raise ConfigError(f"retrieval_timeout must be > 0 seconds or None, got {self.retrieval_timeout!r}.")
 
     @property
     def retrieves(self) -> bool:

@@ -246,9 +246,7 @@ def _retrieve(
     if step == 0 and spec.first_query is not None:
         query = spec.first_query
     else:
-        query = tokenizer.decode(
-            query_ids(prompt, generated, cfg.query_tokens), skip_special_tokens=True
-        ).strip()
+        query = tokenizer.decode(query_ids(prompt, generated, cfg.query_tokens), skip_special_tokens=True).strip()
     for cb in spec.callbacks:
         cb.on_retrieval_start(step, query)
     if not query:

@@ -113,16 +113,12 @@ class FlashBackModel:
     # ----------------------------------------------------------------- generation
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Prompt ids as the model sees them (the tokenizer's own special-token policy)."""
-        if isinstance(prompt, str):
-            ids = list(self.tokenizer(prompt)["input_ids"])
-        else:
-            ids = [int(i) for i in prompt]
+        ids = list(self.tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
             bos = self.tokenizer.bos_token_id
             if bos is None:
                 raise ConfigError(
-                    "The prompt is empty and this tokenizer has no BOS token to start from; "
-                    "give a non-empty prompt."
+                    "The prompt is empty and this tokenizer has no BOS token to start from; give a non-empty prompt."
                 )
             ids = [bos]
         return ids
@@ -178,9 +174,7 @@ class FlashBackModel:
         marks = self._marks_for(config)
         prompt_ids = self.encode(prompt)
         window = self.context_window
-        block = (
-            block_budget(config.top_k, config.max_doc_tokens, marks is not None) if config.retrieves else 0
-        )
+        block = block_budget(config.top_k, config.max_doc_tokens, marks is not None) if config.retrieves else 0
         needed = len(prompt_ids) + max_new_tokens - 1 + block
         if window is not None and needed > window:
             raise ContextWindowError(

@@ -36,6 +36,9 @@ def as_retrieve_fn(retriever: RetrieverLike) -> Callable[[str, int], list[Passag
     The returned function validates what the retriever gives back, so a retriever that returns
     something other than text fails with an error naming the type instead of deep in tokenisation.
     """
+    from .framework_retrievers import wrap_framework_retriever
+
+    retriever = wrap_framework_retriever(retriever) or retriever
     if hasattr(retriever, "retrieve") and callable(retriever.retrieve):
         fn = retriever.retrieve
         name = type(retriever).__name__
@@ -67,9 +70,7 @@ def coerce_passages(raw: Any, source: str = "retriever") -> list[Passage]:
     for i, item in enumerate(raw):
         if isinstance(item, Passage):
             if not isinstance(item.text, str):
-                raise RetrievalError(
-                    f"{source} returned a Passage whose text is {type(item.text).__name__}, not str."
-                )
+                raise RetrievalError(f"{source} returned a Passage whose text is {type(item.text).__name__}, not str.")
             passages.append(item)
         elif isinstance(item, str):
             passages.append(Passage(text=item))
@@ -88,7 +89,13 @@ class BM25Retriever:
     yields no block rather than an arbitrary one.
     """
 
-    def __init__(self, texts: Sequence[str], ids: Sequence[str] | None = None, stopwords: str = "en") -> None:
+    def __init__(
+        self,
+        texts: Sequence[str],
+        ids: Sequence[str] | None = None,
+        stopwords: str = "en",
+        metadatas: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
         import bm25s
 
         texts = [t for t in texts]
@@ -98,15 +105,14 @@ class BM25Retriever:
             raise ConfigError(f"BM25Retriever got {len(texts)} texts but {len(ids)} ids.")
         self.texts = list(texts)
         self.ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(texts))]
+        self.metadatas = [dict(m) for m in metadatas] if metadatas is not None else [{} for _ in texts]
         self._stopwords = stopwords
         self._bm25 = bm25s.BM25()
         tokens = bm25s.tokenize(self.texts, stopwords=stopwords, show_progress=False)
         self._bm25.index(tokens, show_progress=False)
 
     @classmethod
-    def from_files(
-        cls, paths: Iterable[str | Path], chunk_words: int = 100, stopwords: str = "en"
-    ) -> BM25Retriever:
+    def from_files(cls, paths: Iterable[str | Path], chunk_words: int = 100, stopwords: str = "en") -> BM25Retriever:
         """Index text files, cut into chunks of ``chunk_words`` words (folders are walked)."""
         texts: list[str] = []
         ids: list[str] = []
@@ -127,6 +133,22 @@ class BM25Retriever:
             raise ConfigError(f"No text found in corpus paths {[str(p) for p in paths]}.")
         return cls(texts, ids=ids, stopwords=stopwords)
 
+    @classmethod
+    def from_collection(
+        cls,
+        collection: Any,
+        where: dict[str, Any] | None = None,
+        exclude_source: Iterable[str | Path] | None = None,
+    ) -> BM25Retriever:
+        """BM25 over the chunks of a Chroma collection (the paper's retriever, same chunks as the vectors)."""
+        from .store.chroma import all_chunks, build_where
+
+        excluded = [str(Path(s).resolve()) if Path(s).exists() else str(s) for s in exclude_source or []]
+        ids, texts, metas = all_chunks(collection, build_where(where, excluded))
+        if not texts:
+            raise ConfigError(f"Collection {collection.name!r} has no chunks that pass the filters.")
+        return cls(texts, ids=ids, metadatas=metas)
+
     def retrieve(self, query: str, k: int) -> list[Passage]:
         import bm25s
 
@@ -138,7 +160,7 @@ class BM25Retriever:
         k = min(k, len(self.texts))
         docs, scores = self._bm25.retrieve(terms, k=k, show_progress=False)
         return [
-            Passage(text=self.texts[int(d)], id=self.ids[int(d)], score=float(s))
+            Passage(text=self.texts[int(d)], id=self.ids[int(d)], score=float(s), metadata=self.metadatas[int(d)])
             for d, s in zip(docs[0], scores[0], strict=True)
             if s > 0
         ]

@@ -16,9 +16,7 @@ def validate_sampling(temperature: float, top_p: float, max_new_tokens: int) -> 
         raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
 
 
-def choose_token(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
-) -> int:
+def choose_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     """Pick the next id from masked logits of shape ``[vocab]``."""
     if temperature == 0:
         return int(torch.argmax(logits))

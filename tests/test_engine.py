@@ -30,9 +30,7 @@ def run(fb: FlashBackModel, **kwargs):
 
 
 def test_stream_events_and_generate_agree(llama_fb: FlashBackModel) -> None:
-    events = list(
-        llama_fb.stream("The json module", HashRetriever(), config=CFG, max_new_tokens=10, ignore_eos=True)
-    )
+    events = list(llama_fb.stream("The json module", HashRetriever(), config=CFG, max_new_tokens=10, ignore_eos=True))
     assert isinstance(events[-1], FinishEvent)
     result = events[-1].result
     kinds = ["R" if isinstance(e, RetrievalEvent) else "T" for e in events[:-1]]
@@ -48,9 +46,9 @@ def test_stream_events_and_generate_agree(llama_fb: FlashBackModel) -> None:
 
 def test_prompt_as_ids_equals_prompt_as_text(llama_fb: FlashBackModel) -> None:
     ids = llama_fb.tokenizer("The json module").input_ids
-    assert llama_fb.generate(
-        ids, HashRetriever(), config=CFG, max_new_tokens=12, ignore_eos=True
-    ).token_ids == (run(llama_fb, max_new_tokens=12).token_ids)
+    assert llama_fb.generate(ids, HashRetriever(), config=CFG, max_new_tokens=12, ignore_eos=True).token_ids == (
+        run(llama_fb, max_new_tokens=12).token_ids
+    )
 
 
 def test_stop_string_cuts_exactly_even_across_tokens(llama_fb: FlashBackModel) -> None:
@@ -187,8 +185,7 @@ def test_plain_callable_retriever_returning_strings(llama_fb: FlashBackModel) ->
 def test_threads_give_the_same_outputs_as_sequential_calls(llama_fb: FlashBackModel) -> None:
     prompts = ["The json module", "Regular expressions", "cache token", "HTTP servers answer"]
     expected = [
-        llama_fb.generate(p, HashRetriever(), config=CFG, max_new_tokens=16, ignore_eos=True).token_ids
-        for p in prompts
+        llama_fb.generate(p, HashRetriever(), config=CFG, max_new_tokens=16, ignore_eos=True).token_ids for p in prompts
     ]
     results: dict[int, list[int]] = {}
 

@@ -20,9 +20,7 @@ CFG = FlashBackConfig(mode="append", stride=4, query_tokens=8, top_k=1, max_doc_
 
 
 def reference(fb: FlashBackModel) -> list[int]:
-    return fb.generate(
-        "The json module", HashRetriever(), config=CFG, max_new_tokens=12, ignore_eos=True
-    ).token_ids
+    return fb.generate("The json module", HashRetriever(), config=CFG, max_new_tokens=12, ignore_eos=True).token_ids
 
 
 @pytest.fixture
@@ -58,9 +56,7 @@ def test_skip_policy_generates_the_stride_without_a_block(fb_and_ref) -> None:
     out = fb.generate("The json module", Boom(), config=cfg, max_new_tokens=12, ignore_eos=True)
     assert [r.error for r in out.retrievals] == ["ConnectionError: vector store down"] * 3
     assert all(r.block_tokens == 0 and r.passages == [] for r in out.retrievals)
-    plain = fb.generate(
-        "The json module", config=CFG.replace(mode="none"), max_new_tokens=12, ignore_eos=True
-    )
+    plain = fb.generate("The json module", config=CFG.replace(mode="none"), max_new_tokens=12, ignore_eos=True)
     assert out.token_ids == plain.token_ids  # no block at all means the plain context
     partial = fb.generate("The json module", Boom({1}), config=cfg, max_new_tokens=12, ignore_eos=True)
     assert [r.error is None for r in partial.retrievals] == [True, False, True]
@@ -108,9 +104,7 @@ def test_context_window_checked_before_any_work(fb_and_ref) -> None:
     fb, _ = fb_and_ref
     retriever = HashRetriever()
     with pytest.raises(ContextWindowError) as info:
-        fb.generate(
-            "The json module", retriever, config=CFG.replace(max_doc_tokens=300, top_k=2), max_new_tokens=20
-        )
+        fb.generate("The json module", retriever, config=CFG.replace(max_doc_tokens=300, top_k=2), max_new_tokens=20)
     message = str(info.value)
     for number in ("20", "602", "512", "top_k=2", "max_doc_tokens=300"):
         assert number in message
@@ -155,12 +149,7 @@ def test_empty_prompt() -> None:
     fb = FlashBackModel(model, tok)
     with pytest.raises(ConfigError, match="empty.*no BOS"):
         fb.generate("", HashRetriever(), config=CFG, max_new_tokens=3)
-    assert (
-        len(fb.generate("json", HashRetriever(), config=CFG, max_new_tokens=3, ignore_eos=True).token_ids)
-        == 3
-    )
+    assert len(fb.generate("json", HashRetriever(), config=CFG, max_new_tokens=3, ignore_eos=True).token_ids) == 3
     model, tok = make_model("llama", marks=True)
-    out = FlashBackModel(model, tok).generate(
-        "", HashRetriever(), config=CFG, max_new_tokens=6, ignore_eos=True
-    )
+    out = FlashBackModel(model, tok).generate("", HashRetriever(), config=CFG, max_new_tokens=6, ignore_eos=True)
     assert out.prompt_tokens == 1 and len(out.token_ids) == 6

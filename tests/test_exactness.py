@@ -34,9 +34,7 @@ def doc_ids(tok, texts: list[str]) -> list[int]:
     return out
 
 
-def reference_context(
-    fb: FlashBackModel, mode: str, marks: bool, P, G, j: int, texts: list[str]
-) -> list[int]:
+def reference_context(fb: FlashBackModel, mode: str, marks: bool, P, G, j: int, texts: list[str]) -> list[int]:
     """METHOD.md, "Context layout", row by row."""
     tok = fb.tokenizer
     doc = doc_ids(tok, texts)
@@ -88,9 +86,7 @@ def test_logits_equal_full_forward(arch_model: FlashBackModel, mode, marks, k, s
     prompt = "The json module encodes"
     P = fb.tokenizer(prompt).input_ids
     events = list(
-        fb.stream(
-            prompt, HashRetriever(), config=config, max_new_tokens=n, ignore_eos=True, output_logits=True
-        )
+        fb.stream(prompt, HashRetriever(), config=config, max_new_tokens=n, ignore_eos=True, output_logits=True)
     )
     tokens = [e for e in events if type(e).__name__ == "TokenEvent"]
     retrievals: list[Retrieval] = [e.retrieval for e in events if type(e).__name__ == "RetrievalEvent"]
@@ -112,9 +108,7 @@ def test_greedy_matches_naive_reference(arch_model: FlashBackModel, mode: str) -
         mode=mode, marks=True, top_k=2, stride=4, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC
     )
     n = 20
-    out = arch_model.generate(
-        "Regular expressions", HashRetriever(), config=config, max_new_tokens=n, ignore_eos=True
-    )
+    out = arch_model.generate("Regular expressions", HashRetriever(), config=config, max_new_tokens=n, ignore_eos=True)
     if mode == "none":
         expected = naive_greedy(arch_model, "Regular expressions", "none", True, 1, n + 1, n)
     else:
@@ -130,9 +124,7 @@ def test_append_cache_arithmetic(arch_model: FlashBackModel, marks: bool) -> Non
         mode="append", marks=marks, stride=s, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC, top_k=1
     )
     P = arch_model.tokenizer("The json module").input_ids
-    out = arch_model.generate(
-        "The json module", HashRetriever(), config=config, max_new_tokens=17, ignore_eos=True
-    )
+    out = arch_model.generate("The json module", HashRetriever(), config=config, max_new_tokens=17, ignore_eos=True)
     first, *later = out.retrievals
     assert (first.reused_tokens, first.prefill_tokens) == (0, len(P) + first.block_tokens)
     for r in later:

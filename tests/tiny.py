@@ -139,6 +139,4 @@ class HashRetriever:
     def retrieve(self, query: str, k: int) -> list[Passage]:
         self.calls.append((query, k))
         h = zlib.crc32(query.encode())
-        return [
-            Passage(text=POOL[(h + 3 * i) % len(POOL)], id=str((h + 3 * i) % len(POOL))) for i in range(k)
-        ]
+        return [Passage(text=POOL[(h + 3 * i) % len(POOL)], id=str((h + 3 * i) % len(POOL))) for i in range(k)]

@@ -1,0 +1,368 @@
+"""The Chroma-backed store: one code path for an embedded PersistentClient and a Chroma server.
+
+Chunk ids are a hash of (source, character span, content), so ingestion is idempotent: running it
+again adds nothing, a run killed half-way is completed by the next one, and a changed file gets its
+new chunks written before its stale ones are deleted (a crash never loses the old version).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, FlashBackError
+from ..resolve import flashback_home
+from ..retrieval import Passage
+from .chunking import chunk_text
+from .embeddings import DEFAULT_EMBEDDING_MODEL, Embedder
+
+META_EMBEDDING = "flashback_embedding_model"
+META_DIM = "flashback_embedding_dim"
+META_CHUNK_TOKENS = "flashback_chunk_tokens"
+META_OVERLAP = "flashback_chunk_overlap"
+META_TOKENIZER = "flashback_chunk_tokenizer"
+_SNIFF_BYTES = 8192
+
+
+class StoreError(FlashBackError, RuntimeError):
+    """The store cannot do what was asked: unknown collection, unreachable server, wrong embedding."""
+
+
+def default_persist_dir() -> Path:
+    """``$FLASHBACK_HOME/chroma`` (the user cache directory unless ``FLASHBACK_HOME`` is set)."""
+    return flashback_home() / "chroma"
+
+
+def connect(persist_dir: str | Path | None = None, host: str | None = None, port: int = 8000) -> Any:
+    """An embedded ``PersistentClient`` at ``persist_dir``, or an ``HttpClient`` when ``host`` is given."""
+    import chromadb
+    from chromadb.config import Settings
+
+    settings = Settings(anonymized_telemetry=False)
+    if host is not None:
+        if persist_dir is not None:
+            raise ConfigError("Give either a persist directory (embedded) or a host (server), not both.")
+        try:
+            client = chromadb.HttpClient(host=host, port=port, settings=settings)
+            client.heartbeat()
+        except Exception as exc:  # noqa: BLE001 - chromadb raises ValueError or httpx errors
+            raise StoreError(
+                f"Cannot reach a Chroma server at {host}:{port} ({type(exc).__name__}: {exc}). Start one with "
+                f"`chroma run --path DIR --host {host} --port {port}` or use the embedded store (--persist-dir)."
+            ) from exc
+        return client
+    path = Path(persist_dir) if persist_dir is not None else default_persist_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    return chromadb.PersistentClient(path=str(path), settings=settings)
+
+
+def collection_names(client: Any) -> list[str]:
+    return sorted(c if isinstance(c, str) else c.name for c in client.list_collections())
+
+
+def get_collection(client: Any, name: str) -> Any:
+    """An existing collection, or an error that lists the ones there are."""
+    from chromadb.errors import NotFoundError
+
+    try:
+        return client.get_collection(name, embedding_function=None)
+    except (NotFoundError, ValueError) as exc:
+        existing = collection_names(client)
+        raise StoreError(
+            f"No collection named {name!r}. Existing collections: {', '.join(existing) or '(none)'}. "
+            "Create it with `flashback index add PATH --collection NAME`."
+        ) from exc
+
+
+def check_embedding(collection: Any, embedder: Embedder) -> None:
+    """Refuse to query or extend a collection with another embedding model than the one that built it."""
+    meta = collection.metadata or {}
+    built_with = meta.get(META_EMBEDDING)
+    if built_with is not None and built_with != embedder.name:
+        raise StoreError(
+            f"Collection {collection.name!r} was built with embedding model {built_with!r}, not "
+            f"{embedder.name!r}: vectors from different models are not comparable. Pass "
+            f"embedding_model={built_with!r}, or rebuild the collection."
+        )
+
+
+def chunk_id(source: str, start: int, end: int, text: str) -> str:
+    return hashlib.sha256(f"{source}\0{start}:{end}\0{text}".encode()).hexdigest()[:32]
+
+
+@dataclass
+class IngestReport:
+    files_seen: int = 0
+    files_indexed: int = 0
+    skipped_binary: list[str] = field(default_factory=list)
+    skipped_empty: list[str] = field(default_factory=list)
+    decoded_with_replacement: list[str] = field(default_factory=list)
+    chunks_added: int = 0
+    chunks_unchanged: int = 0
+    chunks_removed: int = 0
+    chunks_total: int = 0
+    seconds: float = 0.0
+
+
+def iter_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Files under ``paths`` (folders walked, hidden entries skipped), in a stable order."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(
+                f
+                for f in sorted(p.rglob("*"))
+                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ConfigError(f"{p} does not exist.")
+    return files
+
+
+def read_text(path: Path) -> tuple[str | None, str]:
+    """(text, status): status is ``ok``, ``binary``, ``empty`` or ``replaced`` (not valid UTF-8)."""
+    data = path.read_bytes()
+    if b"\0" in data[:_SNIFF_BYTES]:
+        return None, "binary"
+    try:
+        text, status = data.decode("utf-8"), "ok"
+    except UnicodeDecodeError:
+        text, status = data.decode("utf-8", errors="replace"), "replaced"
+    if not text.strip():
+        return None, "empty"
+    return text, status
+
+
+def ingest(
+    client: Any,
+    collection_name: str,
+    paths: Sequence[str | Path],
+    tokenizer: Any,
+    tokenizer_name: str,
+    embedder: Embedder | None = None,
+    chunk_tokens: int = 128,
+    overlap: int = 0,
+    batch_size: int = 64,
+    on_file: Callable[[Path, IngestReport], None] | None = None,
+    progress: bool = True,
+) -> IngestReport:
+    """Chunk, embed and write ``paths`` into ``collection_name``; safe to re-run and to interrupt."""
+    import time
+
+    started = time.perf_counter()
+    embedder = embedder or Embedder(DEFAULT_EMBEDDING_MODEL)
+    files = iter_files(paths)
+    settings = {
+        META_EMBEDDING: embedder.name,
+        META_DIM: embedder.dimension,
+        META_CHUNK_TOKENS: chunk_tokens,
+        META_OVERLAP: overlap,
+        META_TOKENIZER: tokenizer_name,
+    }
+    collection = client.get_or_create_collection(
+        collection_name, embedding_function=None, metadata={**settings, "hnsw:space": "cosine"}
+    )
+    check_embedding(collection, embedder)
+    meta = collection.metadata or {}
+    for key in (META_CHUNK_TOKENS, META_OVERLAP, META_TOKENIZER):
+        if key in meta and meta[key] != settings[key]:
+            raise ConfigError(
+                f"Collection {collection_name!r} was built with {key.removeprefix('flashback_')}={meta[key]!r}, "
+                f"this run asks for {settings[key]!r}. Use the same settings or another collection."
+            )
+    report = IngestReport()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[chunks]} chunks"),
+        disable=not progress,
+        transient=False,
+    ) as bar:
+        task = bar.add_task("ingesting files", total=len(files), chunks=0)
+        for path in files:
+            report.files_seen += 1
+            _ingest_file(collection, path, tokenizer, embedder, chunk_tokens, overlap, batch_size, report)
+            bar.update(task, advance=1, chunks=report.chunks_added + report.chunks_unchanged)
+            if on_file is not None:
+                on_file(path, report)
+    report.chunks_total = collection.count()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _ingest_file(collection, path, tokenizer, embedder, chunk_tokens, overlap, batch_size, report) -> None:
+    source = str(path.resolve())
+    text, status = read_text(path)
+    if text is None:
+        (report.skipped_binary if status == "binary" else report.skipped_empty).append(source)
+        existing: list[str] = collection.get(where={"source": source}, include=[])["ids"]
+        if existing:  # the file became empty or binary: its old chunks no longer describe it
+            collection.delete(ids=existing)
+            report.chunks_removed += len(existing)
+        return
+    if status == "replaced":
+        report.decoded_with_replacement.append(source)
+    chunks = chunk_text(text, tokenizer, chunk_tokens, overlap)
+    ids = [chunk_id(source, c.start, c.end, c.text) for c in chunks]
+    existing = set(collection.get(where={"source": source}, include=[])["ids"])
+    todo = [(i, c) for i, c in zip(ids, chunks, strict=True) if i not in existing]
+    for begin in range(0, len(todo), batch_size):
+        batch = todo[begin : begin + batch_size]
+        collection.upsert(
+            ids=[i for i, _ in batch],
+            embeddings=embedder.embed_documents([c.text for _, c in batch]),
+            documents=[c.text for _, c in batch],
+            metadatas=[
+                {
+                    "source": source,
+                    "source_name": path.name,
+                    "chunk_index": c.index,
+                    "start": c.start,
+                    "end": c.end,
+                }
+                for _, c in batch
+            ],
+        )
+    stale = sorted(existing - set(ids))
+    if stale:  # written after the new chunks, so an interruption never leaves the file missing
+        collection.delete(ids=stale)
+    report.files_indexed += 1
+    report.chunks_added += len(todo)
+    report.chunks_unchanged += len(ids) - len(todo)
+    report.chunks_removed += len(stale)
+
+
+def collection_stats(client: Any, name: str) -> dict[str, Any]:
+    collection = get_collection(client, name)
+    count = collection.count()
+    sources: set[str] = set()
+    offset, page = 0, 5000
+    while offset < count:
+        got = collection.get(include=["metadatas"], limit=page, offset=offset)
+        sources.update(str(m.get("source")) for m in got["metadatas"] if m)
+        offset += page
+    return {
+        "name": name,
+        "chunks": count,
+        "sources": len(sources),
+        "metadata": dict(collection.metadata or {}),
+    }
+
+
+def delete_collection(client: Any, name: str) -> None:
+    get_collection(client, name)  # a clear error for an unknown name
+    client.delete_collection(name)
+
+
+class ChromaRetriever:
+    """The engine's retriever protocol over a Chroma collection (ours or one a user already has).
+
+    ``where`` is a Chroma metadata filter; ``exclude_source`` drops chunks of those sources (paths),
+    so evaluation and training never retrieve from the document being scored.
+    """
+
+    def __init__(
+        self,
+        collection: str | Any,
+        client: Any | None = None,
+        persist_dir: str | Path | None = None,
+        host: str | None = None,
+        port: int = 8000,
+        embedding_model: str | Embedder | None = None,
+        where: dict[str, Any] | None = None,
+        exclude_source: str | Path | Sequence[str | Path] | None = None,
+    ) -> None:
+        if isinstance(collection, str):
+            client = client if client is not None else connect(persist_dir, host, port)
+            collection = get_collection(client, collection)
+        self.collection = collection
+        meta = collection.metadata or {}
+        if isinstance(embedding_model, Embedder):
+            self.embedder = embedding_model
+        else:
+            self.embedder = Embedder(embedding_model or meta.get(META_EMBEDDING) or DEFAULT_EMBEDDING_MODEL)
+        check_embedding(collection, self.embedder)
+        self.where = where
+        if exclude_source is None:
+            excluded: list[str] = []
+        elif isinstance(exclude_source, (str, Path)):
+            excluded = [exclude_source]  # type: ignore[list-item]
+        else:
+            excluded = list(exclude_source)  # type: ignore[arg-type]
+        self.exclude_source = {str(Path(s).resolve()) if Path(s).exists() else str(s) for s in excluded}
+
+    def _filter(self) -> dict[str, Any] | None:
+        return build_where(self.where, self.exclude_source)
+
+    def retrieve(self, query: str, k: int) -> list[Passage]:
+        if self.collection.count() == 0:
+            raise StoreError(
+                f"Collection {self.collection.name!r} is empty; add documents with "
+                f"`flashback index add PATH --collection {self.collection.name}`."
+            )
+        from chromadb.errors import InvalidArgumentError
+
+        try:
+            got = self.collection.query(
+                query_embeddings=[self.embedder.embed_query(query)],
+                n_results=k,
+                where=self._filter(),
+                include=["documents", "metadatas", "distances"],
+            )
+        except InvalidArgumentError as exc:
+            if "dimension" in str(exc):
+                raise StoreError(
+                    f"Collection {self.collection.name!r} holds vectors of another size than "
+                    f"{self.embedder.name!r} makes ({exc}). Pass the embedding model that built it."
+                ) from exc
+            raise
+        return [
+            Passage(text=doc or "", id=cid, score=1.0 - float(dist), metadata=dict(meta or {}))
+            for cid, doc, meta, dist in zip(
+                got["ids"][0], got["documents"][0], got["metadatas"][0], got["distances"][0], strict=True
+            )
+        ]
+
+    def all_chunks(self, page: int = 5000) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+        """Every (id, text, metadata) that passes the filters, e.g. to build BM25 over the same chunks."""
+        return all_chunks(self.collection, self._filter(), page)
+
+
+def build_where(where: dict[str, Any] | None, exclude_source: Iterable[str] | None) -> dict[str, Any] | None:
+    """A Chroma ``where`` combining a user filter with the excluded sources."""
+    clauses: list[dict[str, Any]] = []
+    if where:
+        clauses.append(where)
+    excluded = sorted(exclude_source or [])
+    if excluded:
+        clauses.append({"source": {"$nin": excluded}})
+    if not clauses:
+        return None
+    return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+
+def all_chunks(
+    collection: Any, where: dict[str, Any] | None = None, page: int = 5000
+) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    ids: list[str] = []
+    texts: list[str] = []
+    metas: list[dict[str, Any]] = []
+    offset = 0
+    while True:
+        got = collection.get(include=["documents", "metadatas"], limit=page, offset=offset, where=where)
+        if not got["ids"]:
+            break
+        ids += got["ids"]
+        texts += [d or "" for d in got["documents"]]
+        metas += [dict(m or {}) for m in got["metadatas"]]
+        offset += len(got["ids"])
+    return ids, texts, metas
