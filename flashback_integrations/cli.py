@@ -375,6 +375,8 @@ def index_query(
             passages = ChromaRetriever(name, client=client, embedding_model=embedding_model).retrieve(text, k)
     except FlashBackError as exc:
         raise _fail(exc) from exc
+    if not passages:
+        console.print("(no results)")
     for i, p in enumerate(passages, 1):
         where = f"{p.metadata.get('source_name', '?')} chars {p.metadata.get('start')}-{p.metadata.get('end')}"
         console.print(f"[cyan]{i}. score {p.score:.3f}  {escape(where)}[/]")

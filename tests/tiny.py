@@ -140,3 +140,26 @@ class HashRetriever:
         self.calls.append((query, k))
         h = zlib.crc32(query.encode())
         return [Passage(text=POOL[(h + 3 * i) % len(POOL)], id=str((h + 3 * i) % len(POOL))) for i in range(k)]
+
+
+def make_sentence_transformer(path) -> str:
+    """A tiny random sentence-transformers model (32-d) saved at ``path``: 'another embedding model'."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import models as st_models
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from flashback_integrations.store.embeddings import resolve_embedding_source
+
+    tok = AutoTokenizer.from_pretrained(resolve_embedding_source("default"))
+    torch.manual_seed(0)
+    bert = BertModel(
+        BertConfig(
+            vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+        )
+    )
+    raw = f"{path}-bert"
+    bert.save_pretrained(raw)
+    tok.save_pretrained(raw)
+    word = st_models.Transformer(raw, max_seq_length=128)
+    SentenceTransformer(modules=[word, st_models.Pooling(32)]).save(str(path))
+    return str(path)
