@@ -383,5 +383,63 @@ def index_query(
         console.print(escape(p.text.strip()[:400]), highlight=False)
 
 
+bench_app = typer.Typer(help="Benchmarks that print figures and write JSON + PNG.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+
+
+@bench_app.command("store")
+def bench_store(
+    paths: Annotated[list[Path] | None, typer.Argument(help="Corpus (default: the Python 3.11 docs).")] = None,
+    chunk_tokens: Annotated[int, typer.Option(help="Chunk size in reader tokens.")] = 128,
+    tokenizer: Annotated[str, typer.Option(help="Reader model whose tokenizer sizes chunks.")] = "default",
+    queries: Annotated[int, typer.Option(help="Queries timed per mode.")] = 200,
+    k: Annotated[int, typer.Option("-k", help="Chunks per query.")] = 1,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("benchmarks/results"),
+    mode: Annotated[list[str] | None, typer.Option(help="embedded and/or server (default: both).")] = None,
+) -> None:
+    """Ingestion throughput and query latency p50/p95, embedded vs a Chroma server."""
+    from .bench.store import run_store_benchmark, write_outputs
+
+    corpus = paths or [PYTHON_DOCS]
+    for p in corpus:
+        if not p.exists():
+            hint = " (apt-get install python3.11-doc)" if p == PYTHON_DOCS else ""
+            raise _fail(FileNotFoundError(f"corpus path {p} does not exist{hint}"))
+    results = run_store_benchmark(
+        corpus,
+        load_tokenizer(tokenizer),
+        _tokenizer_label(tokenizer),
+        chunk_tokens=chunk_tokens,
+        queries=queries,
+        k=k,
+        modes=tuple(mode or ("embedded", "server")),
+    )
+    json_path, png_path = write_outputs(results, out)
+    table = Table(title=f"Chroma store: {escape(', '.join(map(str, corpus)))}")
+    for column in (
+        "mode",
+        "chunks",
+        "ingest chunks/s",
+        "query p50 ms",
+        "query p95 ms",
+        "search p50 ms",
+        "search p95 ms",
+    ):
+        table.add_column(column, justify="left" if column == "mode" else "right")
+    for name, r in results["modes"].items():
+        table.add_row(
+            name,
+            str(r["chunks"]),
+            f"{r['ingest_chunks_per_s']:.1f}",
+            f"{r['query_ms']['p50']:.1f}",
+            f"{r['query_ms']['p95']:.1f}",
+            f"{r['search_only_ms']['p50']:.1f}",
+            f"{r['search_only_ms']['p95']:.1f}",
+        )
+    console.print(table)
+    console.print(f"wrote {json_path} and {png_path}")
+
+
 def main() -> None:  # pragma: no cover
     app()

@@ -2,56 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 from tiny import make_tokenizer
 from typer.testing import CliRunner
 
 from flashback_integrations import FlashBackConfig
 from flashback_integrations.cli import app
-from flashback_integrations.store import ChromaRetriever, Embedder, StoreError, connect, ingest
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from flashback_integrations.store import ChromaRetriever, Embedder, connect, ingest
+from flashback_integrations.store.server import ChromaServer
 
 
 @pytest.fixture(scope="module")
 def chroma_server(tmp_path_factory):
-    exe = shutil.which("chroma") or str(Path(sys.executable).parent / "chroma")
-    port = _free_port()
-    data = tmp_path_factory.mktemp("chroma-server")
-    log = open(data / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [exe, "run", "--path", str(data / "db"), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            connect(host="127.0.0.1", port=port)
-            break
-        except StoreError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"chroma run did not start: {(data / 'server.log').read_text()[-2000:]}") from None
-            time.sleep(0.3)
-    yield "127.0.0.1", port
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with ChromaServer(tmp_path_factory.mktemp("chroma-server")) as address:
+        yield address
 
 
 def test_server_ingest_query_and_generate(chroma_server, tmp_path, llama_fb) -> None:
@@ -125,3 +89,34 @@ def test_cli_unreachable_server_exits_2_without_writing(tmp_path) -> None:
         ["index", "add", str(tmp_path), "--collection", "x-docs", "--chroma-host", "127.0.0.1", "--chroma-port", "9"],
     )
     assert result.exit_code == 2 and "Cannot reach a Chroma server at 127.0.0.1:9" in result.output
+
+
+def test_store_benchmark_writes_json_and_plot(tmp_path) -> None:
+    import json
+
+    (tmp_path / "corpus").mkdir()
+    for i in range(3):
+        (tmp_path / "corpus" / f"{i}.txt").write_text(f"document {i} about json and http and asyncio " * 5)
+    tok = make_tokenizer(add_bos=False)
+    tok.save_pretrained(tmp_path / "tok")
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "store",
+            str(tmp_path / "corpus"),
+            "--tokenizer",
+            str(tmp_path / "tok"),
+            "--chunk-tokens",
+            "16",
+            "--queries",
+            "5",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "out" / "store_bench.json").read_text())
+    assert set(data["modes"]) == {"embedded", "server"}
+    assert data["modes"]["embedded"]["chunks"] == data["modes"]["server"]["chunks"] > 3
+    assert (tmp_path / "out" / "store_bench.png").stat().st_size > 1000

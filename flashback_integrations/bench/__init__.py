@@ -1,0 +1,1 @@
+"""Benchmarks whose outputs (JSON + PNG) are committed and quoted in the README."""
