@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from .layout import MARK_L, MARK_R, MarkIds, block_budget
 from .resolve import resolve_model
 from .retrieval import RetrieverLike, as_retrieve_fn
 from .sampling import validate_sampling
+
+_SHARED: dict[tuple[str, str | None, str, str], FlashBackModel] = {}
+_SHARED_LOCK = threading.Lock()
 
 
 class FlashBackModel:
@@ -75,6 +79,22 @@ class FlashBackModel:
         if config is None and manifest is not None and manifest.flashback_config:
             config = FlashBackConfig.from_dict(manifest.flashback_config)
         return cls(model, tokenizer, config=config, name=name_or_path, adapter_manifest=manifest)
+
+    @classmethod
+    def shared(
+        cls,
+        name_or_path: str = "default",
+        adapter: str | Path | None = None,
+        dtype: torch.dtype | str = torch.float32,
+        device: str | torch.device | None = None,
+    ) -> FlashBackModel:
+        """One instance per (model, adapter, dtype, device) in this process: framework objects built
+        many times over the same model (LangChain, LlamaIndex) load the weights once."""
+        key = (name_or_path, str(adapter) if adapter else None, str(dtype), str(device))
+        with _SHARED_LOCK:
+            if key not in _SHARED:
+                _SHARED[key] = cls.from_pretrained(name_or_path, adapter=adapter, dtype=dtype, device=device)
+            return _SHARED[key]
 
     # ----------------------------------------------------------------- properties
     @property

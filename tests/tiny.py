@@ -163,3 +163,18 @@ def make_sentence_transformer(path) -> str:
     word = st_models.Transformer(raw, max_seq_length=128)
     SentenceTransformer(modules=[word, st_models.Pooling(32)]).save(str(path))
     return str(path)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def save_tiny_chat_model(path, arch: str = "llama", marks: bool = True) -> str:
+    """A tiny model directory with marks and a chat template, loadable by name like any HF model."""
+    model, tok = make_model(arch, marks=marks)
+    tok.chat_template = CHAT_TEMPLATE
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
