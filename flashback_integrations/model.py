@@ -90,6 +90,8 @@ class FlashBackModel:
     ) -> FlashBackModel:
         """One instance per (model, adapter, dtype, device) in this process: framework objects built
         many times over the same model (LangChain, LlamaIndex) load the weights once."""
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype.removeprefix("torch."))
         key = (name_or_path, str(adapter) if adapter else None, str(dtype), str(device))
         with _SHARED_LOCK:
             if key not in _SHARED:

@@ -112,7 +112,8 @@ def _child_manager(run_manager: Any) -> CallbackManager:
     manager.set_handlers(run_manager.inheritable_handlers)
     manager.add_tags(run_manager.inheritable_tags)
     manager.add_metadata(run_manager.inheritable_metadata)
-    return manager
+    # configure() adds the context-var hooks (collect_runs, LangSmith tracing) that are not inheritable
+    return CallbackManager.configure(inheritable_callbacks=manager)
 
 
 def passage_to_document(passage: Passage) -> Document:
