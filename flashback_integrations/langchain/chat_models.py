@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.callbacks import AsyncCallbackManager, CallbackManager, CallbackManagerForLLMRun
+from langchain_core.language_models import LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
+from langchain_core.outputs.chat_generation import merge_chat_generation_chunks
+from langchain_core.runnables import RunnableConfig, ensure_config
+from langchain_core.utils.utils import LC_ID_PREFIX
 
 from ..errors import ConfigError
 from ..events import FinishEvent, GenerationResult, TokenEvent
@@ -147,3 +151,90 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
                     chunk_position="last",
                 )
                 yield ChatGenerationChunk(message=last)
+
+    # BaseChatModel.stream/astream do not hand their run manager to _stream/_astream (by design since
+    # langchain-core 0.1.x), so retrievals made while streaming could not become child runs of the
+    # model run. With a retriever these two methods open the run themselves and pass it down.
+    def _start_run(self, input: LanguageModelInput, config: RunnableConfig | None, stop, kwargs, manager_cls):
+        config = ensure_config(config)
+        messages = self._convert_input(input).to_messages()
+        params = self._get_invocation_params(stop=stop, **kwargs)
+        metadata = {**(config.get("metadata") or {}), **self._get_ls_params(stop=stop, **kwargs)}
+        manager = manager_cls.configure(
+            config.get("callbacks"),
+            self.callbacks,
+            self.verbose,
+            config.get("tags"),
+            self.tags,
+            metadata,
+            self.metadata,
+        )
+        return manager, messages, params, config
+
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[AIMessageChunk]:
+        if self.retriever is None:
+            yield from super().stream(input, config, stop=stop, **kwargs)
+            return
+        manager, messages, params, config = self._start_run(input, config, stop, kwargs, CallbackManager)
+        (run_manager,) = manager.on_chat_model_start(
+            self._serialized,
+            [messages],
+            invocation_params=params,
+            options={"stop": stop, **kwargs},
+            name=config.get("run_name"),
+            run_id=config.pop("run_id", None),
+            batch_size=1,
+        )
+        chunks: list[ChatGenerationChunk] = []
+        try:
+            for chunk in self._stream(messages, stop=stop, run_manager=run_manager, **kwargs):
+                chunk.message.id = chunk.message.id or f"{LC_ID_PREFIX}-{run_manager.run_id}"
+                chunks.append(chunk)
+                yield chunk.message  # type: ignore[misc]
+        except BaseException as exc:
+            merged = merge_chat_generation_chunks(chunks)
+            run_manager.on_llm_error(exc, response=LLMResult(generations=[[merged]] if merged else []))
+            raise
+        run_manager.on_llm_end(LLMResult(generations=[[merge_chat_generation_chunks(chunks)]]))  # type: ignore[list-item]
+
+    async def astream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        if self.retriever is None:
+            async for message in super().astream(input, config, stop=stop, **kwargs):
+                yield message
+            return
+        manager, messages, params, config = self._start_run(input, config, stop, kwargs, AsyncCallbackManager)
+        (run_manager,) = await manager.on_chat_model_start(
+            self._serialized,
+            [messages],
+            invocation_params=params,
+            options={"stop": stop, **kwargs},
+            name=config.get("run_name"),
+            run_id=config.pop("run_id", None),
+            batch_size=1,
+        )
+        chunks: list[ChatGenerationChunk] = []
+        try:
+            # the base _astream runs the sync _stream in a worker thread with run_manager.get_sync()
+            async for chunk in self._astream(messages, stop=stop, run_manager=run_manager, **kwargs):
+                chunk.message.id = chunk.message.id or f"{LC_ID_PREFIX}-{run_manager.run_id}"
+                chunks.append(chunk)
+                yield chunk.message  # type: ignore[misc]
+        except BaseException as exc:
+            merged = merge_chat_generation_chunks(chunks)
+            await run_manager.on_llm_error(exc, response=LLMResult(generations=[[merged]] if merged else []))
+            raise
+        await run_manager.on_llm_end(LLMResult(generations=[[merge_chat_generation_chunks(chunks)]]))  # type: ignore[list-item]

@@ -161,3 +161,25 @@ def test_bad_settings_fail_at_construction(tiny_path) -> None:
         FlashBackLLM(model=tiny_path, stride=0)
     with pytest.raises(ValueError, match="mode='sideways' is not one of"):
         ChatFlashBack(model=tiny_path, mode="sideways")
+
+
+def test_chat_streaming_keeps_retrievals_inside_the_model_run(tiny_path) -> None:
+    chat = ChatFlashBack(model=tiny_path, retriever=HashRetriever(), **SETTINGS)
+    chain = PromptTemplate.from_template("{q}") | chat | StrOutputParser()
+    handler = FlashBackCallbackHandler()
+    with collect_runs() as cb:
+        streamed = "".join(chain.stream({"q": "json"}, config={"callbacks": [handler]}))
+    (root,) = cb.traced_runs
+    model_run = next(c for c in root.child_runs if c.run_type == "llm")
+    assert [c.run_type for c in model_run.child_runs] == ["retriever"] * 3
+    assert [r["run_id"] for r in handler.retrievals] == [model_run.id] * 3
+    assert streamed == chain.invoke({"q": "json"})
+
+    async def events() -> list[dict]:
+        return [e async for e in chain.astream_events({"q": "json"}, version="v2")]
+
+    seen = asyncio.run(events())
+    start = next(e for e in seen if e["event"] == "on_chat_model_start")
+    retrievals = [e for e in seen if e["event"] == "on_retriever_end"]
+    assert len(retrievals) == 3 and all(start["run_id"] in e["parent_ids"] for e in retrievals)
+    assert "".join(e["data"]["chunk"].content for e in seen if e["event"] == "on_chat_model_stream") == streamed
