@@ -26,7 +26,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check flashback_integrations tests
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra --nbmake tests examples
 
 lint: $(STAMP)
 	$(PY) -m ruff check flashback_integrations tests

@@ -26,7 +26,8 @@ class LangChainRetrieverAdapter:
     def retrieve(self, query: str, k: int) -> list[Passage]:
         docs = self.retriever.invoke(query, config=self.config)
         return [
-            Passage(text=d.page_content, id=getattr(d, "id", None), metadata=dict(d.metadata or {})) for d in docs[:k]
+            Passage(text=d.page_content, id=getattr(d, "id", None), metadata=dict(d.metadata or {}), raw=d)
+            for d in docs[:k]
         ]
 
 
@@ -44,6 +45,7 @@ class LlamaIndexRetrieverAdapter:
                 id=n.node.node_id,
                 score=None if n.score is None else float(n.score),
                 metadata=dict(n.node.metadata or {}),
+                raw=n,
             )
             for n in nodes[:k]
         ]

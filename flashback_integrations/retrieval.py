@@ -18,6 +18,8 @@ class Passage:
     id: str | None = None
     score: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    raw: Any = field(default=None, compare=False, hash=False, repr=False)
+    """The framework object it came from (a LangChain ``Document``, a LlamaIndex ``NodeWithScore``)."""
 
 
 @runtime_checkable

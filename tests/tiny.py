@@ -63,7 +63,7 @@ def make_tokenizer(add_bos: bool = True, with_bos: bool = True) -> PreTrainedTok
     return tok
 
 
-def make_config(arch: str, vocab: int, tok: PreTrainedTokenizerFast):
+def make_config(arch: str, vocab: int, tok: PreTrainedTokenizerFast, positions: int = 512):
     ids = {
         "bos_token_id": tok.bos_token_id,
         "eos_token_id": tok.eos_token_id,
@@ -75,7 +75,7 @@ def make_config(arch: str, vocab: int, tok: PreTrainedTokenizerFast):
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=512,
+        max_position_embeddings=positions,
         **ids,
     )
     if arch == "llama":
@@ -87,7 +87,7 @@ def make_config(arch: str, vocab: int, tok: PreTrainedTokenizerFast):
     if arch == "gemma":
         return GemmaConfig(num_key_value_heads=1, head_dim=8, **common)
     if arch == "gpt2":
-        return GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=512, **ids)
+        return GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=positions, **ids)
     if arch == "opt":
         return OPTConfig(
             vocab_size=vocab,
@@ -95,18 +95,18 @@ def make_config(arch: str, vocab: int, tok: PreTrainedTokenizerFast):
             ffn_dim=64,
             num_hidden_layers=2,
             num_attention_heads=4,
-            max_position_embeddings=512,
+            max_position_embeddings=positions,
             word_embed_proj_dim=32,
             **ids,
         )
     raise ValueError(arch)
 
 
-def make_model(arch: str, marks: bool = True, seed: int = 0, with_bos: bool = True):
+def make_model(arch: str, marks: bool = True, seed: int = 0, with_bos: bool = True, positions: int = 512):
     """A random fp32 model of ``arch`` and its tokenizer, optionally with the marking tokens added."""
     tok = make_tokenizer(add_bos=ADDS_BOS[arch] and with_bos, with_bos=with_bos)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(make_config(arch, len(tok), tok), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(make_config(arch, len(tok), tok, positions), dtype=torch.float32)
     with torch.no_grad():  # make random logits less flat so greedy choices are well separated
         model.get_output_embeddings().weight.mul_(8.0)
     model.eval()
@@ -171,9 +171,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def save_tiny_chat_model(path, arch: str = "llama", marks: bool = True) -> str:
+def save_tiny_chat_model(path, arch: str = "llama", marks: bool = True, positions: int = 512) -> str:
     """A tiny model directory with marks and a chat template, loadable by name like any HF model."""
-    model, tok = make_model(arch, marks=marks)
+    model, tok = make_model(arch, marks=marks, positions=positions)
     tok.chat_template = CHAT_TEMPLATE
     model.save_pretrained(path)
     tok.save_pretrained(path)

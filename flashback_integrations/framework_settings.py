@@ -1,0 +1,98 @@
+"""Settings shared by the LangChain and LlamaIndex classes (pydantic fields, no framework imports)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from .config import FlashBackConfig
+from .model import FlashBackModel
+
+
+class FlashBackSettings(BaseModel):
+    """Fields of every framework class; names follow the engine's ``FlashBackConfig``."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True, protected_namespaces=())
+
+    model: str = "default"
+    """``"default"`` (SmolLM2-135M-Instruct, offline), a hub id or a local path."""
+    adapter: str | None = None
+    """FlashBack adapter directory (LoRA + marking tokens)."""
+    retriever: Any = None
+    """A LangChain or LlamaIndex retriever, a ``ChromaRetriever``, or anything with ``retrieve(query, k)``."""
+    mode: str = "append"
+    stride: int = 16
+    query_tokens: int = 32
+    top_k: int = 1
+    max_doc_tokens: int = 128
+    marks: bool | None = None
+    on_retrieval_error: str = "raise"
+    retrieval_timeout: float | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = Field(default=256, alias="max_tokens")
+    stop: list[str] | None = None
+    dtype: str = "float32"
+    device: str | None = None
+    flashback_model: FlashBackModel | None = Field(default=None, exclude=True)
+    """An already loaded model; takes precedence over ``model``/``adapter``."""
+    # Accepted so the class drops into code written for hosted models; a local model has no use for them.
+    timeout: float | None = None
+    max_retries: int | None = None
+    api_key: str | None = Field(default=None, exclude=True, repr=False)
+
+    _fb: FlashBackModel | None = PrivateAttr(default=None)
+
+    def model_post_init(self, context: Any) -> None:
+        self.flashback_config()  # validate settings at construction, not at the first call
+
+    def flashback_config(self) -> FlashBackConfig:
+        return FlashBackConfig(
+            mode=self.mode,  # type: ignore[arg-type]
+            stride=self.stride,
+            query_tokens=self.query_tokens,
+            top_k=self.top_k,
+            max_doc_tokens=self.max_doc_tokens,
+            marks=self.marks,
+            on_retrieval_error=self.on_retrieval_error,  # type: ignore[arg-type]
+            retrieval_timeout=self.retrieval_timeout,
+        )
+
+    def flashback(self) -> FlashBackModel:
+        """The engine model, loaded on first use and shared by every instance with the same weights."""
+        if self.flashback_model is not None:
+            return self.flashback_model
+        if self._fb is None:
+            self._fb = FlashBackModel.shared(self.model, self.adapter, dtype=self.dtype, device=self.device)
+        return self._fb
+
+    def flashback_for_call(self, kwargs: dict[str, Any]) -> tuple[FlashBackModel, str]:
+        """The model for one call: ``invoke(..., model="other")`` overrides the configured one."""
+        override = kwargs.pop("model", None)
+        if override is None or override == self.model:
+            return self.flashback(), self.model_label()
+        return FlashBackModel.shared(override, self.adapter, dtype=self.dtype, device=self.device), override
+
+    def model_label(self) -> str:
+        return self.flashback_model.name if self.flashback_model is not None else self.model
+
+    def generation_kwargs(self, stop: Sequence[str] | None, **overrides: Any) -> dict[str, Any]:
+        config = self.flashback_config()
+        if self.retriever is None and config.retrieves:
+            config = config.replace(mode="none")  # no retriever: a plain local LLM
+        stops = [*(self.stop or []), *(stop or [])]
+        kwargs = {
+            "config": config,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "stop": stops or None,
+        }
+        kwargs.update({k: v for k, v in overrides.items() if k in kwargs or k == "first_query"})
+        if "max_tokens" in overrides:
+            kwargs["max_new_tokens"] = overrides["max_tokens"]
+        return kwargs

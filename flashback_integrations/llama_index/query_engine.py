@@ -1,0 +1,91 @@
+"""``FlashBackQueryEngine``: the question first, retrieved nodes appended after it, more on the way."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from llama_index.core.base.base_query_engine import BaseQueryEngine
+from llama_index.core.base.response.schema import RESPONSE_TYPE, Response, StreamingResponse
+from llama_index.core.callbacks import CallbackManager
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.prompts.mixin import PromptDictType, PromptMixinType
+from llama_index.core.schema import NodeWithScore, QueryBundle
+
+from ..events import Event, FinishEvent, TokenEvent
+from .llms import FlashBackLLM
+
+dispatcher = get_dispatcher(__name__)
+
+
+class FlashBackQueryEngine(BaseQueryEngine):
+    """RAG the FlashBack way: the model reads the question, then the first retrieval (made with the
+    question) is appended after it in a marked block, and generation goes on retrieving every
+    ``stride`` tokens from the same retriever, reusing the cache of everything before the block.
+
+    ``source_nodes`` of the response hold every node retrieved during generation, each with
+    ``metadata["flashback_step"]`` (the generated-token index at which it was retrieved).
+    """
+
+    def __init__(
+        self,
+        retriever: Any,
+        llm: FlashBackLLM,
+        streaming: bool = False,
+        system_prompt: str | None = None,
+        callback_manager: CallbackManager | None = None,
+    ) -> None:
+        if not isinstance(llm, FlashBackLLM):
+            raise TypeError(f"FlashBackQueryEngine needs a FlashBackLLM, got {type(llm).__name__}.")
+        if llm.flashback_config().mode == "none":
+            raise ValueError(
+                "FlashBackQueryEngine retrieves during generation; give it an llm with mode "
+                "'append' (or 'prepend' for comparison), not 'none'."
+            )
+        self._llm = llm.model_copy(update={"retriever": retriever})
+        self._retriever = retriever
+        self._streaming = streaming
+        self._system_prompt = system_prompt
+        super().__init__(callback_manager=callback_manager or llm.callback_manager)
+
+    def _get_prompts(self) -> PromptDictType:
+        return {}
+
+    def _update_prompts(self, prompts_dict: PromptDictType) -> None:
+        pass
+
+    def _get_prompt_modules(self) -> PromptMixinType:
+        return {}
+
+    def _events(self, question: str, collect: list[NodeWithScore]) -> Iterator[Event]:
+        messages = [{"role": "user", "content": question}]
+        if self._system_prompt:
+            messages.insert(0, {"role": "system", "content": self._system_prompt})
+        ids = self._llm.flashback().chat_ids(messages)
+        return self._llm.run(ids, first_query=question, collect=collect)
+
+    @dispatcher.span
+    def _query(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
+        nodes: list[NodeWithScore] = []
+        events = self._events(query_bundle.query_str, nodes)
+        if self._streaming:
+            return StreamingResponse(
+                response_gen=_text_deltas(events), source_nodes=nodes, metadata={"question_first": True}
+            )
+        result = next(e.result for e in events if isinstance(e, FinishEvent))
+        return Response(
+            response=result.text,
+            source_nodes=nodes,
+            metadata={"retrievals": result.retrievals, "finish_reason": result.finish_reason},
+        )
+
+    async def _aquery(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
+        import asyncio
+
+        return await asyncio.to_thread(self._query, query_bundle)
+
+
+def _text_deltas(events: Iterator[Event]) -> Iterator[str]:
+    for event in events:
+        if isinstance(event, TokenEvent) and event.text:
+            yield event.text
