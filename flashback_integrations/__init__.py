@@ -22,6 +22,7 @@ from .events import (
 from .layout import MARK_L, MARK_R
 from .model import FlashBackModel
 from .retrieval import BM25Retriever, Passage, Retriever
+from .samples import sample_corpus_dir
 
 __all__ = [
     "MARK_L",
@@ -48,5 +49,6 @@ __all__ = [
     "add_mark_tokens",
     "base_fingerprint",
     "load_adapter",
+    "sample_corpus_dir",
     "save_adapter",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
@@ -15,15 +14,17 @@ from rich.table import Table
 from .config import FlashBackConfig
 from .errors import FlashBackError
 from .events import FinishEvent, Retrieval, RetrievalEvent, TokenEvent
+from .samples import sample_corpus_dir
 
 app = typer.Typer(help="FlashBack: retrieval-augmented generation with KV-cache reuse.", no_args_is_help=True)
 console = Console()
 err_console = Console(stderr=True)
-
-
-def sample_corpus_dir() -> Path:
-    """The small bundled corpus (Python standard library notes) that the demo retrieves from."""
-    return Path(str(resources.files("flashback_integrations") / "data" / "sample_corpus"))
+PersistDir = Annotated[
+    Path | None,
+    typer.Option("--persist-dir", help="Embedded store folder (default: $FLASHBACK_HOME/chroma)."),
+]
+ChromaHost = Annotated[str | None, typer.Option("--chroma-host", help="Use a Chroma server at this host.")]
+ChromaPort = Annotated[int, typer.Option("--chroma-port", help="Chroma server port.")]
 
 
 def _passage_label(p) -> str:
@@ -74,9 +75,14 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
     on_retrieval_error: Annotated[str, typer.Option(help="raise | skip")] = "raise",
+    collection: Annotated[str | None, typer.Option(help="Retrieve from this Chroma collection instead.")] = None,
+    persist_dir: PersistDir = None,
+    chroma_host: ChromaHost = None,
+    chroma_port: ChromaPort = 8000,
 ) -> None:
-    """Continue PROMPT, retrieving from --corpus (BM25) every --stride tokens, streaming the text."""
+    """Continue PROMPT, retrieving every --stride tokens from --collection (Chroma) or --corpus (BM25)."""
     from .retrieval import BM25Retriever
+    from .store import ChromaRetriever
 
     try:
         config = FlashBackConfig(
@@ -89,7 +95,9 @@ def generate(
             on_retrieval_error=on_retrieval_error,
         )  # type: ignore[arg-type]
         retriever = None
-        if config.retrieves:
+        if config.retrieves and collection is not None:
+            retriever = ChromaRetriever(collection, client=_client(persist_dir, chroma_host, chroma_port))
+        elif config.retrieves:
             retriever = BM25Retriever.from_files(corpus or [sample_corpus_dir()], chunk_words=80)
         fb = _load(model, adapter)
         events = fb.stream(
@@ -124,10 +132,6 @@ def generate(
 
 
 SAMPLE_COLLECTION = "flashback-sample"
-PersistDir = Annotated[
-    Path | None,
-    typer.Option("--persist-dir", help="Embedded store folder (default: $FLASHBACK_HOME/chroma)."),
-]
 
 
 def default_dir() -> Path:
@@ -221,8 +225,6 @@ index_app = typer.Typer(
 )
 app.add_typer(index_app, name="index")
 
-ChromaHost = Annotated[str | None, typer.Option("--chroma-host", help="Use a Chroma server at this host.")]
-ChromaPort = Annotated[int, typer.Option("--chroma-port", help="Chroma server port.")]
 
 
 def _client(persist_dir: Path | None, host: str | None, port: int):

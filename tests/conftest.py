@@ -21,3 +21,13 @@ def retriever() -> HashRetriever:
 def llama_fb() -> FlashBackModel:
     model, tok = make_model("llama", marks=True)
     return FlashBackModel(model, tok, name="tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def flashback_home(tmp_path_factory):
+    """A fresh FLASHBACK_HOME for the tests that load the real default model (converted once per session)."""
+    path = tmp_path_factory.mktemp("flashback-home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FLASHBACK_HOME", str(path))
+    yield path
+    mp.undo()

