@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import random
@@ -52,39 +53,15 @@ def run_store_benchmark(
         "modes": {},
     }
     query_texts: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="flashback-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="flashback-bench-") as tmp, contextlib.ExitStack() as stack:
         for mode in modes:
             if mode == "embedded":
                 client = connect(Path(tmp) / "embedded")
-                results["modes"][mode] = _measure(
-                    client,
-                    paths,
-                    tokenizer,
-                    tokenizer_name,
-                    embedder,
-                    chunk_tokens,
-                    queries,
-                    k,
-                    seed,
-                    query_texts,
-                    progress,
-                )
             else:
-                with ChromaServer(Path(tmp) / "server") as (host, port):
-                    client = connect(host=host, port=port)
-                    results["modes"][mode] = _measure(
-                        client,
-                        paths,
-                        tokenizer,
-                        tokenizer_name,
-                        embedder,
-                        chunk_tokens,
-                        queries,
-                        k,
-                        seed,
-                        query_texts,
-                        progress,
-                    )
+                host, port = stack.enter_context(ChromaServer(Path(tmp) / "server"))
+                client = connect(host=host, port=port)
+            results["modes"][mode] = _measure(client, paths, tokenizer, tokenizer_name, embedder, chunk_tokens,
+                                              queries, k, seed, query_texts, progress)
     return results
 
 
