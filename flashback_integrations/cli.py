@@ -226,7 +226,6 @@ index_app = typer.Typer(
 app.add_typer(index_app, name="index")
 
 
-
 def _client(persist_dir: Path | None, host: str | None, port: int):
     from .store import connect
 

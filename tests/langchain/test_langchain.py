@@ -183,3 +183,12 @@ def test_chat_streaming_keeps_retrievals_inside_the_model_run(tiny_path) -> None
     retrievals = [e for e in seen if e["event"] == "on_retriever_end"]
     assert len(retrievals) == 3 and all(start["run_id"] in e["parent_ids"] for e in retrievals)
     assert "".join(e["data"]["chunk"].content for e in seen if e["event"] == "on_chat_model_stream") == streamed
+
+
+def test_per_call_options_override_and_unknown_ones_fail(llm, fb) -> None:
+    short = llm.generate(["The json module"], max_tokens=3).generations[0][0].generation_info
+    assert short["completion_tokens"] == 3
+    with_stride = llm.generate(["The json module"], stride=5).generations[0][0].generation_info
+    assert [r["step"] for r in with_stride["retrievals"]] == [0, 5]
+    with pytest.raises(ValueError, match=r"Unknown per-call option\(s\) \['tempreature'\]"):
+        llm.invoke("The json module", tempreature=0.5)
