@@ -442,5 +442,98 @@ def bench_store(
     console.print(f"wrote {json_path} and {png_path}")
 
 
+@bench_app.command("speed")
+def bench_speed(
+    model: Annotated[
+        str,
+        typer.Option(
+            help="'default', a hub id/path, or config:NAME (random weights: llama-1b, llama-7b, opt-125m, opt-6.7b)."
+        ),
+    ] = "default",
+    lengths: Annotated[str, typer.Option(help="Comma-separated total lengths T.")] = "512,1024,2048",
+    modes: Annotated[str, typer.Option(help="Comma-separated modes.")] = "prepend,append,none",
+    stride: Annotated[int, typer.Option(help="Retrieve every N tokens.")] = 16,
+    doc_tokens: Annotated[int, typer.Option(help="Tokens of each random passage.")] = 128,
+    prompt_tokens: Annotated[int | None, typer.Option(help="Prompt length (default: min(512, T/4)).")] = None,
+    gen_tokens: Annotated[int | None, typer.Option(help="Generated tokens (default: T - prompt - doc).")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs per point (median reported).")] = 3,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("benchmarks/results"),
+    stem: Annotated[str, typer.Option(help="Output file name stem.")] = "speed_cpu",
+) -> None:
+    """Wall-clock time of prepend vs append vs plain decoding as the sequence grows (JSON + PNG)."""
+    import json
+
+    from rich.progress import Progress
+
+    from .bench.speed import SpeedCase, plan_lengths, plot, run_in_subprocess, summarise
+
+    cases = []
+    try:
+        for total in (int(t) for t in lengths.split(",")):
+            prompt, gen = plan_lengths(total, doc_tokens, prompt_tokens, gen_tokens)
+            for mode in modes.split(","):
+                cases.append(
+                    SpeedCase(
+                        model=model,
+                        mode=mode.strip(),
+                        total_tokens=total,
+                        prompt_tokens=prompt,
+                        gen_tokens=gen,
+                        stride=stride,
+                        doc_tokens=doc_tokens,
+                        dtype=dtype,
+                        device=device,
+                        repeats=repeats,
+                    )
+                )
+    except ValueError as exc:
+        raise _fail(exc) from exc
+    results = []
+    with Progress(console=console) as progress:
+        task = progress.add_task("timing", total=len(cases))
+        for case in cases:
+            progress.update(task, description=f"{case.mode} T={case.total_tokens}")
+            results.append(run_in_subprocess(case))
+            progress.advance(task)
+    summary = summarise(results)
+    summary["command"] = "flashback bench speed " + " ".join(
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in {
+            "model": model,
+            "lengths": lengths,
+            "modes": modes,
+            "stride": stride,
+            "doc_tokens": doc_tokens,
+            "prompt_tokens": prompt_tokens,
+            "gen_tokens": gen_tokens,
+            "repeats": repeats,
+            "dtype": dtype,
+            "device": device,
+        }.items()
+        if v is not None
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+    plot(summary, out / f"{stem}.png", f"{model} {dtype} on {device}: stride {stride}, doc {doc_tokens}")
+    table = Table(title=f"{model}, {dtype}, {device}")
+    for column in ("T", "mode", "median s", "ms/token", "tokens through model", "peak MB"):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(
+            str(r["total_tokens"]),
+            r["mode"],
+            f"{r['median_s']:.2f}",
+            f"{r['ms_per_token']:.1f}",
+            str(r["forward_tokens"]),
+            f"{r['peak_memory_mb']:.0f}",
+        )
+    console.print(table)
+    for total, row in summary["speedups"].items():
+        console.print(f"T={total}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    console.print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+
+
 def main() -> None:  # pragma: no cover
     app()

@@ -27,7 +27,10 @@ def passage_ids(tokenizer: Any, passages: Sequence[Passage], max_doc_tokens: int
     special = set(tokenizer.all_special_ids)
     ids: list[int] = []
     for passage in passages:
-        tokens = tokenizer(passage.text, add_special_tokens=False)["input_ids"]
+        if passage.token_ids is not None:
+            tokens = list(passage.token_ids)
+        else:
+            tokens = tokenizer(passage.text, add_special_tokens=False)["input_ids"]
         ids.extend([t for t in tokens if t not in special][:max_doc_tokens])
     return ids
 

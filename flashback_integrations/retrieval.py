@@ -19,6 +19,8 @@ class Passage:
     score: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     raw: Any = field(default=None, compare=False, hash=False, repr=False)
+    token_ids: tuple[int, ...] | None = field(default=None, compare=False, hash=False, repr=False)
+    """Pre-tokenised text in the reader's vocabulary; used instead of tokenising ``text`` when given."""
     """The framework object it came from (a LangChain ``Document``, a LlamaIndex ``NodeWithScore``)."""
 
 

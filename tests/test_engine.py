@@ -215,3 +215,15 @@ def test_bm25_retriever_ranks_and_filters(tmp_path) -> None:
     files = BM25Retriever.from_files([tmp_path], chunk_words=100)
     assert len(files.texts) == 4
     assert files.retrieve("json", 1)[0].id.endswith("b.txt#0")
+
+
+def test_pretokenised_passages_skip_tokenisation(llama_fb: FlashBackModel) -> None:
+    tok = llama_fb.tokenizer
+    text = "The json module encodes Python objects as JSON text."
+    ids = tuple(tok(text, add_special_tokens=False).input_ids)
+    as_text = llama_fb.generate("json", lambda q, k: [text], config=CFG, max_new_tokens=6, ignore_eos=True)
+    as_ids = llama_fb.generate(
+        "json", lambda q, k: [Passage(text="", token_ids=ids)], config=CFG, max_new_tokens=6, ignore_eos=True
+    )
+    assert as_ids.token_ids == as_text.token_ids
+    assert as_ids.retrievals[0].block_tokens == min(len(ids), CFG.max_doc_tokens) + 2

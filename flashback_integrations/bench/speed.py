@@ -1,0 +1,251 @@
+"""Runtime of prepend (recompute), append (FlashBack) and plain cached decoding: METHOD.md's protocol.
+
+Random-token prompt, greedy decoding with a fresh random ``doc_tokens`` passage every ``stride``
+tokens, the same engine, dtype and kernels for every mode, last-position logits only. Each
+(mode, length) runs in its own process so peak memory is per mode; inside it, a warm-up generation
+precedes ``repeats`` timed ones and the median wall-clock time is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+NAMED_CONFIGS: dict[str, dict[str, Any]] = {
+    # random weights: shapes of public models, so 1B-7B can be timed without their weights
+    "llama-1b": {
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "vocab_size": 32000,
+        "max_position_embeddings": 32768,
+    },
+    "llama-7b": {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "max_position_embeddings": 32768,
+    },
+    "opt-125m": {
+        "model_type": "opt",
+        "hidden_size": 768,
+        "ffn_dim": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "vocab_size": 50272,
+        "max_position_embeddings": 2048,
+        "word_embed_proj_dim": 768,
+    },
+    "opt-6.7b": {
+        "model_type": "opt",
+        "hidden_size": 4096,
+        "ffn_dim": 16384,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "vocab_size": 50272,
+        "max_position_embeddings": 2048,
+        "word_embed_proj_dim": 4096,
+    },
+}
+MODES = ("prepend", "append", "none")
+
+
+@dataclass
+class SpeedCase:
+    model: str
+    mode: str
+    total_tokens: int
+    prompt_tokens: int
+    gen_tokens: int
+    stride: int = 16
+    doc_tokens: int = 128
+    dtype: str = "float32"
+    device: str = "cpu"
+    repeats: int = 3
+    seed: int = 0
+
+
+def plan_lengths(total: int, doc_tokens: int, prompt_tokens: int | None, gen_tokens: int | None) -> tuple[int, int]:
+    """(prompt, generated) so that prompt + generated + doc = total; the paper uses a 512-token prompt."""
+    if gen_tokens is not None:
+        prompt = total - doc_tokens - gen_tokens
+    else:
+        prompt = prompt_tokens if prompt_tokens is not None else min(512, total // 4)
+    gen = total - doc_tokens - prompt
+    if prompt < 1 or gen < 1:
+        raise ValueError(
+            f"total length {total} leaves no room for prompt={prompt} and generation={gen} "
+            f"with a {doc_tokens}-token doc"
+        )
+    return prompt, gen
+
+
+def load_model(name: str, dtype: str, device: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ..model import FlashBackModel
+    from ..resolve import resolve_model
+
+    if name.startswith("config:"):
+        spec = dict(NAMED_CONFIGS[name.removeprefix("config:")])
+        config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+        # any tokenizer whose vocabulary covers the ids works: the benchmark feeds token ids
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model("default"))
+        return FlashBackModel(model, tokenizer, name=name)
+    return FlashBackModel.from_pretrained(name, dtype=dtype, device=device)
+
+
+def run_case(case: SpeedCase) -> dict[str, Any]:
+    """Runs inside the worker process: warm-up, then timed generations."""
+    import torch
+
+    from ..config import FlashBackConfig
+    from ..retrieval import Passage
+
+    fb = load_model(case.model, case.dtype, case.device)
+    vocab = min(fb.model.get_input_embeddings().weight.shape[0], len(fb.tokenizer))
+    low = max(fb.tokenizer.all_special_ids or [0]) + 1
+    gen = torch.Generator().manual_seed(case.seed)
+
+    def random_ids(n: int) -> list[int]:
+        return torch.randint(low, vocab, (n,), generator=gen).tolist()
+
+    def retriever(query: str, k: int) -> list[Passage]:
+        return [Passage(text="", token_ids=tuple(random_ids(case.doc_tokens)))]
+
+    config = FlashBackConfig(
+        mode=case.mode,
+        stride=case.stride,
+        top_k=1,
+        max_doc_tokens=case.doc_tokens,  # type: ignore[arg-type]
+        query_tokens=32,
+        marks=False,
+    )
+    use = retriever if case.mode != "none" else None
+    cuda = case.device.startswith("cuda")
+
+    def once(prompt: list[int], n: int) -> tuple[float, int]:
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        result = fb.generate(prompt, use, config=config, max_new_tokens=n, ignore_eos=True)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - started, result.forward_tokens
+
+    once(random_ids(case.prompt_tokens), min(case.gen_tokens, 2 * case.stride + 1))  # warm-up
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = _rss_mb()
+    times: list[float] = []
+    forwarded = 0
+    for _ in range(case.repeats):
+        seconds, forwarded = once(random_ids(case.prompt_tokens), case.gen_tokens)
+        times.append(seconds)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()
+    return {
+        **asdict(case),
+        "seconds": times,
+        "median_s": statistics.median(times),
+        "ms_per_token": 1000 * statistics.median(times) / case.gen_tokens,
+        "forward_tokens": forwarded,
+        "peak_memory_mb": round(peak, 1),
+        "memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
+        "rss_after_load_mb": round(rss_before, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_in_subprocess(case: SpeedCase) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "flashback_integrations.bench.speed", json.dumps(asdict(case))],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"speed worker failed for {case.mode} T={case.total_tokens}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    by_length: dict[int, dict[str, dict[str, Any]]] = {}
+    for r in results:
+        by_length.setdefault(r["total_tokens"], {})[r["mode"]] = r
+    speedups = {}
+    for total, modes in sorted(by_length.items()):
+        row = {}
+        if "prepend" in modes and "append" in modes:
+            row["prepend_over_append"] = round(modes["prepend"]["median_s"] / modes["append"]["median_s"], 2)
+        if "none" in modes and "append" in modes:
+            row["append_over_none"] = round(modes["append"]["median_s"] / modes["none"]["median_s"], 3)
+        speedups[str(total)] = row
+    return {"runs": results, "speedups": speedups}
+
+
+def plot(summary: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    labels = {
+        "prepend": "prepend (In-Context RALM, recompute)",
+        "append": "append (FlashBack)",
+        "none": "plain cached decoding (floor)",
+    }
+    for mode in MODES:
+        points = sorted((r["total_tokens"], r["median_s"]) for r in summary["runs"] if r["mode"] == mode)
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=labels[mode])
+    for total, row in summary["speedups"].items():
+        if "prepend_over_append" in row:
+            append = next(r for r in summary["runs"] if r["mode"] == "append" and r["total_tokens"] == int(total))
+            ax.annotate(
+                f"{row['prepend_over_append']}x",
+                (int(total), append["median_s"]),
+                textcoords="offset points",
+                xytext=(0, -14),
+                ha="center",
+                fontsize=8,
+            )
+    ax.set_xlabel("sequence length T (tokens)")
+    ax.set_ylabel("wall-clock seconds (median)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # worker entry point: one case, JSON on the last line of stdout
+    print(json.dumps(run_case(SpeedCase(**json.loads(sys.argv[1])))))

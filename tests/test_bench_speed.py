@@ -1,0 +1,55 @@
+"""`flashback bench speed` end to end on a tiny model (the numbers themselves are not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from tiny import save_tiny_chat_model
+from typer.testing import CliRunner
+
+from flashback_integrations.bench.speed import plan_lengths
+from flashback_integrations.cli import app
+
+
+def test_speed_benchmark_writes_json_and_plot(tmp_path) -> None:
+    model = save_tiny_chat_model(tmp_path / "tiny", marks=False)
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "speed",
+            "--model",
+            model,
+            "--lengths",
+            "64,96",
+            "--stride",
+            "4",
+            "--doc-tokens",
+            "8",
+            "--repeats",
+            "2",
+            "--out",
+            str(tmp_path / "out"),
+            "--stem",
+            "t",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "out" / "t.json").read_text())
+    assert len(data["runs"]) == 6 and set(data["speedups"]) == {"64", "96"}
+    by = {(r["mode"], r["total_tokens"]): r for r in data["runs"]}
+    for total in (64, 96):
+        # the cost model: prepend recomputes the context, append only the tail, none nothing
+        assert (
+            by["prepend", total]["forward_tokens"]
+            > by["append", total]["forward_tokens"]
+            > by["none", total]["forward_tokens"]
+        )
+        assert len(by["append", total]["seconds"]) == 2
+    assert (tmp_path / "out" / "t.png").stat().st_size > 1000
+
+
+def test_plan_lengths() -> None:
+    assert plan_lengths(2048, 128, None, None) == (512, 1408)
+    assert plan_lengths(512, 128, None, None) == (128, 256)
+    assert plan_lengths(16384, 128, None, 1024) == (15232, 1024)
