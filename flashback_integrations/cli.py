@@ -537,3 +537,7 @@ def bench_speed(
 
 def main() -> None:  # pragma: no cover
     app()
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m flashback_integrations.cli` where no venv exists
+    app()
