@@ -25,11 +25,11 @@ demo: $(STAMP)
 	$(VENV)/bin/flashback demo
 
 test: $(STAMP)
-	$(PY) -m ruff check flashback_integrations tests
+	$(PY) -m ruff check .
 	$(PY) -m pytest -ra --nbmake tests examples
 
 lint: $(STAMP)
-	$(PY) -m ruff check flashback_integrations tests
+	$(PY) -m ruff check .
 	$(PY) -m ruff format --check flashback_integrations tests
 
 clean:
