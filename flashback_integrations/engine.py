@@ -33,7 +33,7 @@ from .events import (
     RetrievalEvent,
     TokenEvent,
 )
-from .layout import MarkIds, build_context, passage_ids, query_ids, wrap_block
+from .layout import MarkIds, build_context, find_mark_ids, passage_ids, query_ids, wrap_block
 from .retrieval import Passage
 from .sampling import choose_token
 from .text import StreamingText
@@ -178,8 +178,8 @@ def run(model: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:
         device = kv.device if kv.device.type != "mps" else torch.device("cpu")
         generator = torch.Generator(device=device)
         generator.manual_seed(spec.seed if spec.seed is not None else int(torch.seed() % (2**63)))
-    banned = [spec.marks.left, spec.marks.right] if spec.marks else []
-    banned += [i for i in _mark_ids_in_vocab(tokenizer) if i not in banned]
+    known = spec.marks or find_mark_ids(tokenizer)  # never sampled, even when marks are off
+    banned = [known.left, known.right] if known else []
     finish = "length"
     fed_total = 0
     try:
@@ -262,11 +262,3 @@ def _retrieve(
         step=step, query=query, passages=passages, block_tokens=len(block), latency_s=latency, error=error
     )
     return record, block
-
-
-def _mark_ids_in_vocab(tokenizer: Any) -> list[int]:
-    """Mark ids the tokenizer knows, so they are never sampled even when marks are off."""
-    from .layout import MARK_L, MARK_R
-
-    vocab = tokenizer.get_vocab()
-    return [vocab[t] for t in (MARK_L, MARK_R) if t in vocab]

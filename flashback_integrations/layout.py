@@ -22,6 +22,17 @@ class MarkIds:
     right: int
 
 
+def find_mark_ids(tokenizer: Any) -> MarkIds | None:
+    """The marking token ids when the tokenizer knows both marks (as whole tokens), else ``None``."""
+    ids = []
+    for mark in (MARK_L, MARK_R):
+        token_id = tokenizer.convert_tokens_to_ids(mark)
+        if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(token_id) != mark:
+            return None
+        ids.append(token_id)
+    return MarkIds(*ids)
+
+
 def passage_ids(tokenizer: Any, passages: Sequence[Passage], max_doc_tokens: int) -> list[int]:
     """Each passage's tokens without special tokens, cut to ``max_doc_tokens``, concatenated."""
     special = set(tokenizer.all_special_ids)

@@ -14,7 +14,7 @@ from .adapter import AdapterManifest, load_adapter
 from .config import FlashBackConfig
 from .errors import ConfigError, ContextWindowError, MarksUnavailableError
 from .events import Event, FinishEvent, FlashBackCallback, GenerationResult
-from .layout import MARK_L, MARK_R, MarkIds, block_budget
+from .layout import MARK_L, MARK_R, MarkIds, block_budget, find_mark_ids
 from .resolve import resolve_model
 from .retrieval import RetrieverLike, as_retrieve_fn
 from .sampling import validate_sampling
@@ -102,14 +102,11 @@ class FlashBackModel:
     @property
     def mark_ids(self) -> MarkIds | None:
         """The marking token ids when the tokenizer has both marks and the model has rows for them."""
-        vocab = self.tokenizer.get_vocab()
-        if MARK_L not in vocab or MARK_R not in vocab:
-            return None
+        marks = find_mark_ids(self.tokenizer)
         rows = self.model.get_input_embeddings().weight.shape[0]
-        left, right = vocab[MARK_L], vocab[MARK_R]
-        if max(left, right) >= rows:
+        if marks is None or max(marks.left, marks.right) >= rows:
             return None
-        return MarkIds(left, right)
+        return marks
 
     @property
     def context_window(self) -> int | None:
