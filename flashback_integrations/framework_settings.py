@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .config import FlashBackConfig
 from .errors import ConfigError
@@ -45,10 +45,12 @@ class FlashBackSettings(BaseModel):
     max_retries: int | None = None
     api_key: str | None = Field(default=None, exclude=True, repr=False)
 
-    _fb: FlashBackModel | None = PrivateAttr(default=None)
-
-    def model_post_init(self, context: Any) -> None:
-        self.flashback_config()  # validate settings at construction, not at the first call
+    @model_validator(mode="after")
+    def _flashback_check_settings(self) -> FlashBackSettings:
+        """Validate the FlashBack settings at construction, not at the first call (a validator rather
+        than ``model_post_init``, which the frameworks' base classes use themselves)."""
+        self.flashback_config()
+        return self
 
     def flashback_config(self) -> FlashBackConfig:
         return FlashBackConfig(
@@ -66,9 +68,9 @@ class FlashBackSettings(BaseModel):
         """The engine model, loaded on first use and shared by every instance with the same weights."""
         if self.flashback_model is not None:
             return self.flashback_model
-        if self._fb is None:
-            self._fb = FlashBackModel.shared(self.model, self.adapter, dtype=self.dtype, device=self.device)
-        return self._fb
+        # no private attribute here: pydantic would install its own model_post_init on this mixin and
+        # shadow the framework base classes' one; the shared registry is the cache
+        return FlashBackModel.shared(self.model, self.adapter, dtype=self.dtype, device=self.device)
 
     def flashback_for_call(self, kwargs: dict[str, Any]) -> tuple[FlashBackModel, str]:
         """The model for one call: ``invoke(..., model="other")`` overrides the configured one."""

@@ -192,3 +192,8 @@ def test_per_call_options_override_and_unknown_ones_fail(llm, fb) -> None:
     assert [r["step"] for r in with_stride["retrievals"]] == [0, 5]
     with pytest.raises(ValueError, match=r"Unknown per-call option\(s\) \['tempreature'\]"):
         llm.invoke("The json module", tempreature=0.5)
+
+
+def test_langchain_base_initialisation_is_kept(tiny_path) -> None:
+    chat = ChatFlashBack(model=tiny_path, **SETTINGS)
+    assert "langchain-core" in (chat.metadata or {}).get("lc_versions", {})
