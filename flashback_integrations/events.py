@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -91,3 +92,11 @@ class FlashBackCallback:
 
     def on_token(self, event: TokenEvent) -> None:  # noqa: B027 - optional hook
         pass
+
+
+def final_result(events: Iterable[Event]) -> GenerationResult:
+    """Drain a generation's events and return its result (the last ``FinishEvent``)."""
+    for event in events:
+        if isinstance(event, FinishEvent):
+            return event.result
+    raise RuntimeError("generation ended without a result")  # pragma: no cover

@@ -13,7 +13,7 @@ from . import engine
 from .adapter import AdapterManifest, load_adapter
 from .config import FlashBackConfig
 from .errors import ConfigError, ContextWindowError, MarksUnavailableError
-from .events import Event, FinishEvent, FlashBackCallback, GenerationResult
+from .events import Event, FlashBackCallback, GenerationResult, final_result
 from .layout import MARK_L, MARK_R, MarkIds, block_budget, find_mark_ids
 from .resolve import resolve_model
 from .retrieval import RetrieverLike, as_retrieve_fn
@@ -262,7 +262,4 @@ class FlashBackModel:
             output_logits=output_logits,
             first_query=first_query,
         )
-        for event in events:
-            if isinstance(event, FinishEvent):
-                return event.result
-        raise RuntimeError("generation ended without a result")  # pragma: no cover
+        return final_result(events)

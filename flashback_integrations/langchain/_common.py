@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from langchain_core.callbacks import BaseCallbackHandler, CallbackManager
@@ -95,7 +94,6 @@ class FlashBackCallbackHandler(BaseCallbackHandler):
 
     def __init__(self) -> None:
         self.retrievals: list[dict[str, Any]] = []
-        self._started = time.perf_counter()
 
     def on_custom_event(self, name: str, data: Any, *, run_id: Any, **kwargs: Any) -> None:
         if name == RETRIEVAL_EVENT:

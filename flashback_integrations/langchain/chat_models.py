@@ -17,7 +17,7 @@ from langchain_core.runnables import RunnableConfig, ensure_config
 from langchain_core.utils.utils import LC_ID_PREFIX
 
 from ..errors import ConfigError
-from ..events import FinishEvent, GenerationResult, TokenEvent
+from ..events import FinishEvent, GenerationResult, TokenEvent, final_result
 from ._common import EventBridge, FlashBackSettings, RunRetriever, retrieval_payload
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "tool"}
@@ -118,12 +118,8 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        result: GenerationResult | None = None
         events, name = self._run(messages, stop, run_manager, **kwargs)
-        for event in events:
-            if isinstance(event, FinishEvent):
-                result = event.result
-        assert result is not None
+        result = final_result(events)
         message = AIMessage(
             content=result.text, usage_metadata=_usage(result), response_metadata=self._metadata(result, name)
         )

@@ -9,7 +9,7 @@ from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.llms import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
-from ..events import FinishEvent, GenerationResult, TokenEvent
+from ..events import FinishEvent, GenerationResult, TokenEvent, final_result
 from ._common import EventBridge, FlashBackSettings, RunRetriever, retrieval_payload
 
 
@@ -54,11 +54,7 @@ class FlashBackLLM(FlashBackSettings, BaseLLM):
         generations: list[list[Generation]] = []
         prompt_tokens = completion_tokens = 0
         for prompt in prompts:
-            result: GenerationResult | None = None
-            for event in self._run(prompt, stop, run_manager, **kwargs):
-                if isinstance(event, FinishEvent):
-                    result = event.result
-            assert result is not None
+            result = final_result(self._run(prompt, stop, run_manager, **kwargs))
             prompt_tokens += result.prompt_tokens
             completion_tokens += result.completion_tokens
             generations.append([Generation(text=result.text, generation_info=_generation_info(result))])

@@ -20,7 +20,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.schema import NodeWithScore
 
-from ..events import Event, FinishEvent, GenerationResult, TokenEvent
+from ..events import Event, FinishEvent, GenerationResult, TokenEvent, final_result
 from ..framework_settings import FlashBackSettings
 from ..layout import block_budget
 from .events import LlamaIndexBridge
@@ -84,13 +84,6 @@ class FlashBackLLM(FlashBackSettings, CustomLLM):
         return fb.stream(prompt, self.retriever, callbacks=[bridge], **gen)
 
     @staticmethod
-    def _finish(events: Iterator[Event]) -> GenerationResult:
-        for event in events:
-            if isinstance(event, FinishEvent):
-                return event.result
-        raise RuntimeError("generation ended without a result")  # pragma: no cover
-
-    @staticmethod
     def _raw(result: GenerationResult) -> dict[str, Any]:
         return {
             "finish_reason": result.finish_reason,
@@ -111,7 +104,7 @@ class FlashBackLLM(FlashBackSettings, CustomLLM):
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         if not formatted:
             prompt = self.completion_to_prompt(prompt)
-        result = self._finish(self.run(prompt, **kwargs))
+        result = final_result(self.run(prompt, **kwargs))
         return CompletionResponse(text=result.text, raw=self._raw(result))
 
     @llm_completion_callback()
@@ -132,7 +125,7 @@ class FlashBackLLM(FlashBackSettings, CustomLLM):
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         ids, question = self._chat_prompt(messages)
-        result = self._finish(self.run(ids, first_query=question, **kwargs))
+        result = final_result(self.run(ids, first_query=question, **kwargs))
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), raw=self._raw(result))
 
     @llm_chat_callback()

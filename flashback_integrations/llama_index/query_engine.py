@@ -12,7 +12,7 @@ from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.prompts.mixin import PromptDictType, PromptMixinType
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
-from ..events import Event, FinishEvent, TokenEvent
+from ..events import Event, TokenEvent, final_result
 from .llms import FlashBackLLM
 
 dispatcher = get_dispatcher(__name__)
@@ -72,7 +72,7 @@ class FlashBackQueryEngine(BaseQueryEngine):
             return StreamingResponse(
                 response_gen=_text_deltas(events), source_nodes=nodes, metadata={"question_first": True}
             )
-        result = next(e.result for e in events if isinstance(e, FinishEvent))
+        result = final_result(events)
         return Response(
             response=result.text,
             source_nodes=nodes,
