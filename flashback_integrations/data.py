@@ -1,0 +1,368 @@
+"""Training and evaluation examples: METHOD.md's target windows with a retrieved passage each.
+
+An example is stored as token ids (source window, retrieved passage, target), not as a layout:
+the same examples give the append and prepend layouts, with or without marks
+(:func:`example_ids`), so every perplexity row and every trained adapter sees exactly the same
+targets. Example sets are saved as gzip JSON lines, so they can be built once on a CPU (retrieval)
+and carried to a GPU machine for training or scoring.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import json
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, RetrievalError
+from .layout import MarkIds, build_context, wrap_block
+from .retrieval import Passage
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Document:
+    """A tokenised text; ``source`` is what retrieval exclusion compares against."""
+
+    source: str
+    ids: list[int]
+    text: str = field(default="", repr=False)
+
+
+@dataclass
+class Example:
+    source: str
+    """The document the target comes from; its chunks are never retrieved for this example."""
+    target_start: int
+    src: list[int]
+    doc: list[int]
+    tgt: list[int]
+    query: str = ""
+    passage_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ExampleSettings:
+    """METHOD.md's windows: targets of ``target_tokens`` every ``target_every`` tokens from
+    ``first_target``, the query from the ``query_tokens`` before, ``top_k`` passages cut to
+    ``max_doc_tokens``, and ``|src| + |doc|`` drawn uniformly in ``[min_window, context_budget -
+    target_tokens - 2]`` so the example fits ``context_budget`` positions with both marks."""
+
+    context_budget: int = 512
+    target_tokens: int = 16
+    target_every: int = 16
+    first_target: int = 512
+    query_tokens: int = 32
+    top_k: int = 1
+    max_doc_tokens: int = 128
+    min_window: int = 256
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        if self.max_window < self.min_window:
+            raise ConfigError(
+                f"context_budget={self.context_budget} leaves a window of {self.max_window} tokens, below "
+                f"min_window={self.min_window}; raise the budget or lower min_window."
+            )
+        if self.top_k * self.max_doc_tokens >= self.max_window:
+            raise ConfigError(
+                f"top_k * max_doc_tokens = {self.top_k * self.max_doc_tokens} leaves no room for source tokens "
+                f"in a window of {self.max_window}; lower max_doc_tokens or top_k."
+            )
+
+    @property
+    def max_window(self) -> int:
+        return self.context_budget - self.target_tokens - 2
+
+
+def _matches(rel: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatch(rel, p) for p in patterns)
+
+
+def list_files(
+    paths: Iterable[str | Path], include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> list[tuple[Path, str]]:
+    """(file, path relative to the given folder) for files under ``paths``, filtered by glob
+    patterns on the relative path (``whatsnew/*``); hidden entries are skipped."""
+    found: list[tuple[Path, str]] = []
+    for root in map(Path, paths):
+        if root.is_file():
+            candidates = [(root, root.name)]
+        elif root.is_dir():
+            candidates = [
+                (f, f.relative_to(root).as_posix())
+                for f in sorted(root.rglob("*"))
+                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts)
+            ]
+        else:
+            raise ConfigError(f"Corpus path {root} does not exist.")
+        for f, rel in candidates:
+            if include and not _matches(rel, include):
+                continue
+            if exclude and _matches(rel, exclude):
+                continue
+            found.append((f, rel))
+    return found
+
+
+def load_documents(
+    paths: Iterable[str | Path], tokenizer: Any, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> list[Document]:
+    """Tokenise text files (no special tokens); ``source`` is the resolved path, as in the store."""
+    docs = []
+    for f, _ in list_files(paths, include, exclude):
+        raw = f.read_bytes()
+        if b"\x00" in raw[:4096]:
+            continue
+        text = raw.decode("utf-8", errors="replace")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids:
+            docs.append(Document(source=str(f.resolve()), ids=list(ids), text=text))
+    return docs
+
+
+def split_documents(docs: Sequence[Document], fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
+    """A seeded split of whole documents (train, validation): no document is on both sides."""
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"validation fraction must be in [0, 1), got {fraction}.")
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_val = round(len(docs) * fraction)
+    if fraction > 0 and n_val == 0 and len(docs) > 1:
+        n_val = 1
+    val = set(order[:n_val])
+    return [d for i, d in enumerate(docs) if i not in val], [d for i, d in enumerate(docs) if i in val]
+
+
+class ExcludingRetriever:
+    """Wraps ``retrieve(query, k)`` so no passage of the excluded source comes back.
+
+    Passages name their document in ``metadata["source"]``. It asks for more than ``k`` and
+    filters, asking again for more while the filter leaves fewer than ``k``; the filter is the
+    guarantee, the over-fetch only keeps ``k`` results when they exist.
+    """
+
+    def __init__(self, retrieve: Callable[[str, int], Sequence[Passage]], overfetch: int = 8, max_fetch: int = 512):
+        self._retrieve = retrieve
+        self.overfetch = overfetch
+        self.max_fetch = max_fetch
+
+    def __call__(self, query: str, k: int, exclude_source: str) -> list[Passage]:
+        fetch = k * self.overfetch
+        while True:
+            got = list(self._retrieve(query, fetch))
+            for p in got:
+                if "source" not in p.metadata:
+                    raise RetrievalError(
+                        "Example building needs passages that name their document in metadata['source'] "
+                        f"(passage {p.id!r} has none), to keep a target's own document out of retrieval."
+                    )
+            kept = [p for p in got if p.metadata["source"] != exclude_source]
+            if len(kept) >= k or len(got) < fetch or fetch >= self.max_fetch:
+                return kept[:k]
+            fetch = min(fetch * 4, self.max_fetch)
+
+
+def chunk_retriever(docs: Sequence[Document], tokenizer: Any, chunk_tokens: int = 128) -> Callable:
+    """BM25 over ``chunk_tokens``-token chunks of ``docs`` (the paper's retriever), sources recorded."""
+    from .retrieval import BM25Retriever
+    from .store.chunking import chunk_text
+
+    texts, ids, metas = [], [], []
+    for d in docs:
+        for c in chunk_text(d.text, tokenizer, chunk_tokens=chunk_tokens):
+            texts.append(c.text)
+            ids.append(f"{d.source}#{c.index}")
+            metas.append({"source": d.source, "chunk_index": c.index})
+    if not texts:
+        raise ConfigError("The retrieval corpus has no text.")
+    return BM25Retriever(texts, ids=ids, metadatas=metas).retrieve
+
+
+def target_positions(doc: Document, settings: ExampleSettings) -> list[int]:
+    last = len(doc.ids) - settings.target_tokens
+    return list(range(settings.first_target, last + 1, settings.target_every))
+
+
+def build_examples(
+    docs: Sequence[Document],
+    tokenizer: Any,
+    retrieve: Callable[[str, int], Sequence[Passage]],
+    settings: ExampleSettings | None = None,
+    max_examples: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[Example]:
+    """Sample target windows from ``docs`` and retrieve a passage for each (never from the same doc).
+
+    Targets are drawn uniformly from all candidate positions of all documents (seeded), so long
+    documents contribute in proportion to their length.
+    """
+    settings = settings or ExampleSettings()
+    candidates = [(i, t) for i, d in enumerate(docs) for t in target_positions(d, settings)]
+    if not candidates:
+        raise ConfigError(
+            f"No target windows: every document is shorter than first_target + target_tokens = "
+            f"{settings.first_target + settings.target_tokens} tokens. Lower first_target or add longer documents."
+        )
+    rng = random.Random(seed)
+    if max_examples is not None and max_examples < len(candidates):
+        candidates = rng.sample(candidates, max_examples)
+        candidates.sort()
+    excluding = retrieve if isinstance(retrieve, ExcludingRetriever) else ExcludingRetriever(retrieve)
+    special = set(tokenizer.all_special_ids)
+    examples = []
+    iterator: Iterable = candidates
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(candidates, desc="building examples", unit="ex")
+    for i, t in iterator:
+        doc = docs[i]
+        query = tokenizer.decode(doc.ids[max(0, t - settings.query_tokens) : t], skip_special_tokens=True)
+        passages = excluding(query, settings.top_k, doc.source)
+        block: list[int] = []
+        for p in passages:
+            tokens = (
+                list(p.token_ids)
+                if p.token_ids is not None
+                else tokenizer(p.text, add_special_tokens=False)["input_ids"]
+            )
+            block.extend([x for x in tokens if x not in special][: settings.max_doc_tokens])
+        window = rng.randint(settings.min_window, settings.max_window)
+        src_len = max(window - len(block), 1)
+        examples.append(
+            Example(
+                source=doc.source,
+                target_start=t,
+                src=list(doc.ids[max(0, t - src_len) : t]),
+                doc=block,
+                tgt=list(doc.ids[t : t + settings.target_tokens]),
+                query=query,
+                passage_ids=[str(p.id) for p in passages],
+            )
+        )
+    return examples
+
+
+def example_ids(example: Example, layout: str, marks: MarkIds | None) -> list[int]:
+    """The ids of one example in a layout (``none``, ``append``, ``prepend``); the target is last.
+
+    Built with the engine's own :func:`build_context`, so training and scoring see the layout
+    that generation serves.
+    """
+    if layout not in ("none", "append", "prepend"):
+        raise ConfigError(f"layout must be none, append or prepend, got {layout!r}.")
+    block = wrap_block(example.doc, marks)
+    return build_context(layout, example.src, example.tgt, 0, block, bos_id=None)
+
+
+def summarize(examples: Sequence[Example]) -> dict[str, Any]:
+    sources = {e.source for e in examples}
+    return {
+        "examples": len(examples),
+        "documents": len(sources),
+        "target_tokens": sum(len(e.tgt) for e in examples),
+        "mean_src_tokens": round(sum(len(e.src) for e in examples) / max(len(examples), 1), 1),
+        "mean_doc_tokens": round(sum(len(e.doc) for e in examples) / max(len(examples), 1), 1),
+        "without_passage": sum(1 for e in examples if not e.doc),
+    }
+
+
+def save_examples(path: str | Path, examples: Sequence[Example], meta: dict[str, Any] | None = None) -> None:
+    """Gzip JSON lines: a header (format, settings, summary, ``meta``) then one example per line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    header = {"format": "flashback-examples", "version": FORMAT_VERSION, "summary": summarize(examples), **(meta or {})}
+    with gzip.open(tmp, "wt", encoding="utf-8") as fh:
+        fh.write(json.dumps(header) + "\n")
+        for e in examples:
+            fh.write(json.dumps(asdict(e)) + "\n")
+    tmp.replace(path)
+
+
+def load_examples(path: str | Path) -> tuple[list[Example], dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Example file {path} does not exist; build it with `flashback data build`.")
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        try:
+            header = json.loads(fh.readline())
+        except (json.JSONDecodeError, OSError) as exc:
+            raise ConfigError(f"{path} is not a FlashBack example file ({exc}).") from exc
+        if header.get("format") != "flashback-examples":
+            raise ConfigError(f"{path} is not a FlashBack example file (no flashback-examples header).")
+        examples = [Example(**json.loads(line)) for line in fh if line.strip()]
+    return examples, header
+
+
+def prepare_examples(
+    tokenizer: Any,
+    docs: Sequence[str | Path],
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    retrieval: Sequence[str | Path] | None = None,
+    retrieval_include: Sequence[str] = (),
+    retrieval_exclude: Sequence[str] = (),
+    retriever: Callable[[str, int], Sequence[Passage]] | None = None,
+    settings: ExampleSettings | None = None,
+    max_examples: int | None = None,
+    val_fraction: float = 0.0,
+    max_val_examples: int | None = None,
+    chunk_tokens: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[list[Example], list[Example], dict[str, Any]]:
+    """Documents -> (examples, validation examples from held-back whole documents, summary).
+
+    Retrieval is BM25 over ``chunk_tokens`` chunks of ``retrieval`` (default: the same files as
+    ``docs``), or ``retriever`` (e.g. a ``ChromaRetriever``); either way a target's own document
+    is filtered out of its results.
+    """
+    settings = settings or ExampleSettings()
+    documents = load_documents(docs, tokenizer, include, exclude)
+    if not documents:
+        raise ConfigError(
+            f"No text documents under {[str(d) for d in docs]} with include={include}, exclude={exclude}."
+        )
+    train_docs, val_docs = split_documents(documents, val_fraction, seed)
+    info: dict[str, Any] = {
+        "docs": [str(d) for d in docs],
+        "include": list(include),
+        "exclude": list(exclude),
+        "documents": len(documents),
+        "train_documents": len(train_docs),
+        "val_documents": len(val_docs),
+        "val_sources": sorted(d.source for d in val_docs),
+        "settings": asdict(settings),
+        "seed": seed,
+    }
+    if retriever is None:
+        if retrieval is None:
+            corpus_docs = documents
+            info["retrieval"] = f"BM25 over {chunk_tokens}-token chunks of the same documents"
+        else:
+            corpus_docs = load_documents(retrieval, tokenizer, retrieval_include, retrieval_exclude)
+            info["retrieval"] = (
+                f"BM25 over {chunk_tokens}-token chunks of {[str(r) for r in retrieval]} "
+                f"(include={list(retrieval_include)}, exclude={list(retrieval_exclude)})"
+            )
+        retriever = chunk_retriever(corpus_docs, tokenizer, chunk_tokens)
+        info["retrieval_documents"] = len(corpus_docs)
+    else:
+        info["retrieval"] = type(retriever).__name__
+    train = build_examples(train_docs, tokenizer, retriever, settings, max_examples, seed, progress)
+    val = (
+        build_examples(val_docs, tokenizer, retriever, settings, max_val_examples, seed + 1, progress)
+        if val_docs
+        else []
+    )
+    return train, val, info

@@ -1,0 +1,223 @@
+"""Perplexity of the paper's rows on the same target tokens, with bootstrap confidence intervals.
+
+Every row scores exactly the same examples (same source windows, passages and targets); rows
+differ only in layout (none / prepend / append), marks, and adapter. A run writes its partial
+results after each row, so a stopped run resumes at the next row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import Example
+from .errors import ConfigError
+from .training import mark_id_list, pad_id_of, target_nll
+
+
+@dataclass(frozen=True)
+class PplRow:
+    name: str
+    layout: str
+    adapter: str | None = None
+    marks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("none", "append", "prepend"):
+            raise ConfigError(f"row {self.name!r}: layout must be none, append or prepend, got {self.layout!r}.")
+
+
+def paper_rows(
+    flashback_adapter: str | None, prepend_adapter: str | None, append_adapter: str | None
+) -> tuple[list[PplRow], list[str]]:
+    """The issue's six rows; rows whose adapter is not given are returned by name as skipped."""
+    rows = [
+        PplRow("no retrieval", "none"),
+        PplRow("prepend", "prepend"),
+        PplRow("prepend + LoRA + MT", "prepend", prepend_adapter, True),
+        PplRow("append", "append"),
+        PplRow("append + LoRA", "append", append_adapter, False),
+        PplRow("append + LoRA + MT (FlashBack)", "append", flashback_adapter, True),
+    ]
+    needs = {"prepend + LoRA + MT", "append + LoRA", "append + LoRA + MT (FlashBack)"}
+    kept = [r for r in rows if r.name not in needs or r.adapter]
+    skipped = [r.name for r in rows if r.name in needs and not r.adapter]
+    return kept, skipped
+
+
+def examples_digest(examples: Sequence[Example]) -> str:
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e.source, e.target_start, e.src[-8:], e.doc[:8], e.tgt]).encode())
+    return digest.hexdigest()[:16]
+
+
+def score_row(
+    row: PplRow,
+    examples: Sequence[Example],
+    model_name: str = "default",
+    device: str | None = None,
+    batch_size: int = 32,
+    progress: Any = None,
+) -> list[float]:
+    """Per-example NLL sums (nats) of the targets under one row."""
+    from .model import FlashBackModel
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    fb = FlashBackModel.from_pretrained(model_name, adapter=row.adapter or "none", device=device)
+    marks = fb.mark_ids if row.marks else None
+    if row.marks and marks is None:
+        raise ConfigError(f"row {row.name!r} uses marks but {row.adapter} gives the model none.")
+    if not row.marks and row.adapter and fb.adapter_manifest and fb.adapter_manifest.mark_token_ids:
+        raise ConfigError(f"row {row.name!r} is a no-marks row but adapter {row.adapter} was trained with marks.")
+    excluded = mark_id_list(fb.tokenizer, fb.model)
+    pad = pad_id_of(fb.tokenizer)
+    sums: list[float] = []
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i : i + batch_size]
+            nll = target_nll(fb.model, batch, row.layout, marks, pad, excluded)
+            sums.extend(nll.sum(-1).double().cpu().tolist())
+            if progress is not None:
+                progress(len(batch))
+    del fb
+    return sums
+
+
+def bootstrap(
+    rows: dict[str, np.ndarray], tokens_per_example: int, n: int = 1000, seed: int = 0, reference: str | None = None
+) -> dict[str, dict[str, float]]:
+    """PPL and 95% percentile intervals, resampling whole targets (their tokens are correlated).
+
+    With ``reference``, each row also gets the interval of its PPL ratio to the reference row,
+    using the same resamples for both (a paired comparison).
+    """
+    names = list(rows)
+    sums = np.stack([rows[k] for k in names])
+    m = sums.shape[1]
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, m, size=(n, m))
+    boot = np.exp(sums[:, idx].sum(-1) / (m * tokens_per_example))  # (rows, n)
+    out = {}
+    for r, name in enumerate(names):
+        ppl = math.exp(sums[r].sum() / (m * tokens_per_example))
+        lo, hi = np.percentile(boot[r], [2.5, 97.5])
+        entry = {"ppl": ppl, "ci_low": float(lo), "ci_high": float(hi)}
+        if reference is not None and reference in rows:
+            ratio = boot[r] / boot[names.index(reference)]
+            rlo, rhi = np.percentile(ratio, [2.5, 97.5])
+            entry["ratio_to_reference"] = ppl / math.exp(sums[names.index(reference)].sum() / (m * tokens_per_example))
+            entry["ratio_ci_low"], entry["ratio_ci_high"] = float(rlo), float(rhi)
+        out[name] = entry
+    return out
+
+
+def run_eval(
+    examples: Sequence[Example],
+    rows: Sequence[PplRow],
+    out_dir: str | Path,
+    stem: str = "ppl",
+    model_name: str = "default",
+    device: str | None = None,
+    batch_size: int = 32,
+    meta: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score all rows (resuming finished ones from ``{stem}.partial.json``) and write JSON, MD, PNG."""
+    if not examples:
+        raise ConfigError("No examples to score.")
+    n_tgt = len(examples[0].tgt)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    partial_path = out / f"{stem}.partial.json"
+    digest = examples_digest(examples)
+    done: dict[str, Any] = {}
+    if partial_path.is_file():
+        saved = json.loads(partial_path.read_text())
+        if saved.get("examples_digest") == digest and saved.get("model") == model_name:
+            done = saved["rows"]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(rows) * len(examples), desc="scoring", unit="ex")
+    for row in rows:
+        key = json.dumps(asdict(row), sort_keys=True)
+        if key in done:
+            if bar is not None:
+                bar.update(len(examples))
+            continue
+        if bar is not None:
+            bar.set_description(f"scoring {row.name}")
+        sums = score_row(row, examples, model_name, device, batch_size, bar.update if bar is not None else None)
+        done[key] = sums
+        partial_path.write_text(json.dumps({"examples_digest": digest, "model": model_name, "rows": done}))
+    if bar is not None:
+        bar.close()
+    arrays = {row.name: np.asarray(done[json.dumps(asdict(row), sort_keys=True)]) for row in rows}
+    reference = next((r.name for r in rows if r.name.endswith("(FlashBack)")), None)
+    stats = bootstrap(arrays, n_tgt, reference=reference)
+    result = {
+        "examples": len(examples),
+        "scored_tokens": len(examples) * n_tgt,
+        "examples_digest": digest,
+        "model": model_name,
+        "reference_row": reference,
+        "rows": [{**asdict(row), **stats[row.name]} for row in rows],
+        **(meta or {}),
+    }
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{stem}.md").write_text(markdown_table(result))
+    plot_ppl(result, out / f"{stem}.png")
+    return result
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    ref = result.get("reference_row")
+    lines = [
+        f"Token-level perplexity on {result['scored_tokens']:,} target tokens ({result['examples']:,} targets); "
+        "95% bootstrap intervals over targets.",
+        "",
+        "| row | PPL | 95% CI | " + (f"ratio to {ref} (95% CI) |" if ref else ""),
+        "|---|---:|---|" + ("---|" if ref else ""),
+    ]
+    for r in result["rows"]:
+        line = f"| {r['name']} | {r['ppl']:.2f} | {r['ci_low']:.2f} - {r['ci_high']:.2f} |"
+        if ref:
+            line += f" {r['ratio_to_reference']:.3f} ({r['ratio_ci_low']:.3f} - {r['ratio_ci_high']:.3f}) |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def plot_ppl(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    names = [r["name"] for r in rows]
+    ppl = [r["ppl"] for r in rows]
+    err = [[r["ppl"] - r["ci_low"] for r in rows], [r["ci_high"] - r["ppl"] for r in rows]]
+    colors = [
+        "tab:gray" if r["layout"] == "none" else "tab:blue" if r["layout"] == "prepend" else "tab:orange" for r in rows
+    ]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    bars = ax.barh(names, ppl, xerr=err, color=colors, capsize=4)
+    for bar, value in zip(bars, ppl, strict=True):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f"  {value:.2f}", va="center", fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel("perplexity (lower is better), 95% bootstrap CI")
+    ax.set_title(f"{result['model']}: {result['scored_tokens']:,} target tokens", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
