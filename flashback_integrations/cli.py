@@ -215,7 +215,7 @@ def demo(
     )
     if fb.mark_ids is None:
         console.print(
-            "[dim]This model has no marking tokens (no FlashBack adapter yet): append runs without "
+            "[dim]This model has no marking tokens (no FlashBack adapter loaded): append runs without "
             "marks, which an untrained model reads poorly.[/]"
         )
 
@@ -491,12 +491,23 @@ def bench_speed(
     except ValueError as exc:
         raise _fail(exc) from exc
     results = []
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / f"{stem}.partial.json"
     with Progress(console=console) as progress:
         task = progress.add_task("timing", total=len(cases))
         for case in cases:
             progress.update(task, description=f"{case.mode} T={case.total_tokens}")
+            started = time.perf_counter()
             results.append(run_in_subprocess(case))
+            r = results[-1]
+            # one line per case as it finishes (and a partial JSON), so a run cut short still reports
+            progress.console.print(
+                f"{case.mode} T={case.total_tokens}: median {r['median_s']:.2f} s, {r['ms_per_token']:.1f} ms/token, "
+                f"peak {r['peak_memory_mb']:.0f} MB (case took {time.perf_counter() - started:.1f} s with start-up)"
+            )
+            partial.write_text(json.dumps(results, indent=1))
             progress.advance(task)
+    partial.unlink(missing_ok=True)
     summary = summarise(results)
     summary["command"] = "flashback bench speed " + " ".join(
         f"--{k.replace('_', '-')} {v}"
@@ -514,7 +525,6 @@ def bench_speed(
         }.items()
         if v is not None
     )
-    out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
     plot(summary, out / f"{stem}.png", f"{model} {dtype} on {device}: stride {stride}, doc {doc_tokens}")
     table = Table(title=f"{model}, {dtype}, {device}")
@@ -597,6 +607,7 @@ def _prepare(
     max_val_examples,
     chunk_tokens,
     seed,
+    exclude_all_docs=False,
 ):
     from .data import prepare_examples
 
@@ -622,6 +633,7 @@ def _prepare(
         max_val_examples,
         chunk_tokens,
         seed,
+        exclude_all_docs=exclude_all_docs,
     )
 
 
@@ -884,6 +896,7 @@ def eval_ppl(
                 None,
                 chunk_tokens,
                 seed,
+                exclude_all_docs=True,
             )
             save_examples(out / f"{stem}.examples.jsonl.gz", ex, {"info": info, "model": model})
         if flashback_adapter is None and model == "default" and shipped_adapter() is not None:

@@ -149,10 +149,17 @@ class ExcludingRetriever:
     guarantee, the over-fetch only keeps ``k`` results when they exist.
     """
 
-    def __init__(self, retrieve: Callable[[str, int], Sequence[Passage]], overfetch: int = 8, max_fetch: int = 512):
+    def __init__(
+        self,
+        retrieve: Callable[[str, int], Sequence[Passage]],
+        overfetch: int = 8,
+        max_fetch: int = 512,
+        always_exclude: Iterable[str] = (),
+    ):
         self._retrieve = retrieve
         self.overfetch = overfetch
         self.max_fetch = max_fetch
+        self.always_exclude = frozenset(always_exclude)
 
     def __call__(self, query: str, k: int, exclude_source: str) -> list[Passage]:
         fetch = k * self.overfetch
@@ -164,7 +171,11 @@ class ExcludingRetriever:
                         "Example building needs passages that name their document in metadata['source'] "
                         f"(passage {p.id!r} has none), to keep a target's own document out of retrieval."
                     )
-            kept = [p for p in got if p.metadata["source"] != exclude_source]
+            kept = [
+                p
+                for p in got
+                if p.metadata["source"] != exclude_source and p.metadata["source"] not in self.always_exclude
+            ]
             if len(kept) >= k or len(got) < fetch or fetch >= self.max_fetch:
                 return kept[:k]
             fetch = min(fetch * 4, self.max_fetch)
@@ -320,12 +331,14 @@ def prepare_examples(
     chunk_tokens: int = 128,
     seed: int = 0,
     progress: bool = True,
+    exclude_all_docs: bool = False,
 ) -> tuple[list[Example], list[Example], dict[str, Any]]:
     """Documents -> (examples, validation examples from held-back whole documents, summary).
 
     Retrieval is BM25 over ``chunk_tokens`` chunks of ``retrieval`` (default: the same files as
     ``docs``), or ``retriever`` (e.g. a ``ChromaRetriever``); either way a target's own document
-    is filtered out of its results.
+    is filtered out of its results. ``exclude_all_docs`` (evaluation) keeps every document of
+    ``docs`` out of retrieval, not only each target's own.
     """
     settings = settings or ExampleSettings()
     documents = load_documents(docs, tokenizer, include, exclude)
@@ -359,6 +372,9 @@ def prepare_examples(
         info["retrieval_documents"] = len(corpus_docs)
     else:
         info["retrieval"] = type(retriever).__name__
+    if exclude_all_docs:
+        retriever = ExcludingRetriever(retriever, always_exclude={d.source for d in documents})
+        info["retrieval"] += "; all target documents excluded"
     train = build_examples(train_docs, tokenizer, retriever, settings, max_examples, seed, progress)
     val = (
         build_examples(val_docs, tokenizer, retriever, settings, max_val_examples, seed + 1, progress)

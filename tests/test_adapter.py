@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny import HashRetriever, make_model
+from tiny import HashRetriever, make_model, save_tiny_base
 
 from flashback_integrations import (
     AdapterManifest,
@@ -25,10 +25,8 @@ TRAINED = FlashBackConfig(mode="append", stride=4, query_tokens=8, top_k=1, max_
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    model, tok = make_model("llama", marks=False, seed=5)
     path = tmp_path_factory.mktemp("base")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    save_tiny_base(path, seed=5)
     return path
 
 

@@ -33,8 +33,14 @@ def test_default_resolves_to_a_verified_safetensors_copy(home) -> None:
     assert {"model.safetensors", "config.json", "tokenizer.json", "flashback_source.json"} <= files
     assert resolve.resolve_model("default") == path  # cached: no second conversion
     fb = FlashBackModel.from_pretrained("default")
-    assert fb.model.config.model_type == "llama" and fb.model.config.vocab_size == 49152
-    assert fb.mark_ids is None  # no adapter yet: marks are off in auto mode
+    assert fb.model.config.model_type == "llama" and fb.model.config.vocab_size == 49152 + 2  # + the marks
+    # "default" comes with the shipped FlashBack adapter: marks, settings and the manifest's base check
+    assert fb.mark_ids is not None and fb.config.mode == "append" and fb.config.marks is True
+    assert fb.adapter_manifest is not None and fb.adapter_manifest.mark_token_ids == [49152, 49153]
+    assert fb.adapter_manifest.extra["training"]["hardware"]["device"] in ("cuda", "cpu")
+    plain = FlashBackModel.from_pretrained("default", adapter="none")
+    assert plain.mark_ids is None and plain.adapter_manifest is None and len(plain.tokenizer) == 49152
+    assert FlashBackModel.from_pretrained("default", config=FlashBackConfig(marks=False)).mark_ids is None
     result = fb.generate(
         fb.chat_ids([{"role": "user", "content": "What does json.dumps do?"}]),
         lambda q, k: ["json.dumps(obj) returns a JSON string."],

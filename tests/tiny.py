@@ -178,3 +178,11 @@ def save_tiny_chat_model(path, arch: str = "llama", marks: bool = True, position
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def save_tiny_base(path, arch: str = "llama", seed: int = 0) -> str:
+    """A tiny model without marks saved like a hub model, so adapters can be trained and loaded by path."""
+    model, tok = make_model(arch, marks=False, seed=seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

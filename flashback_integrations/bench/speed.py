@@ -130,7 +130,9 @@ def run_case(case: SpeedCase) -> dict[str, Any]:
     from ..config import FlashBackConfig
     from ..retrieval import Passage
 
+    load_started = time.perf_counter()
     fb = load_model(case.model, case.dtype, case.device)
+    load_s = time.perf_counter() - load_started
     vocab = min(fb.model.get_input_embeddings().weight.shape[0], len(fb.tokenizer))
     low = max(fb.tokenizer.all_special_ids or [0]) + 1
     gen = torch.Generator().manual_seed(case.seed)
@@ -183,6 +185,7 @@ def run_case(case: SpeedCase) -> dict[str, Any]:
         "memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS while generating",
         "rss_after_load_mb": round(rss_before, 1),
         "torch_threads": torch.get_num_threads(),
+        "load_s": round(load_s, 2),
     }
 
 
