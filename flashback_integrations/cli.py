@@ -571,7 +571,7 @@ TopK = Annotated[int, typer.Option(help="Passages per target.")]
 MaxDocTokens = Annotated[int, typer.Option(help="Tokens kept of each passage.")]
 MinWindow = Annotated[int, typer.Option(help="|src| + |doc| is drawn from [min-window, budget - s - 2].")]
 ChunkTokens = Annotated[int, typer.Option(help="BM25 chunk size in reader tokens.")]
-MaxExamples = Annotated[int | None, typer.Option(help="Sample at most N targets.")]
+MaxExamples = Annotated[int | None, typer.Option(help="Sample at most N targets (when building from --docs).")]
 Seed = Annotated[int, typer.Option(help="Seed for sampling targets and windows.")]
 
 

@@ -351,7 +351,7 @@ def prepare_examples(
         "docs": [str(d) for d in docs],
         "include": list(include),
         "exclude": list(exclude),
-        "documents": len(documents),
+        "corpus_documents": len(documents),
         "train_documents": len(train_docs),
         "val_documents": len(val_docs),
         "val_sources": sorted(d.source for d in val_docs),

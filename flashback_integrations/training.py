@@ -344,47 +344,59 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc=f"training {cfg.layout}{'+marks' if marks else ''}", unit="step")
-    while step < cfg.steps:
-        order = example_order(len(train_examples), cfg.seed, step * cfg.batch_size, cfg.batch_size)
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for m in range(cfg.accumulation):
-            idx = order[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size]
-            nll = target_nll(
-                peft_model, [train_examples[i] for i in idx], cfg.layout, marks, pad_id, excluded, autocast
-            )
-            loss = nll.mean() / cfg.accumulation
-            loss.backward()
-            loss_sum += float(loss.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0))
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        entry: dict[str, Any] = {
-            "step": step,
-            "loss": loss_sum,
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm,
-        }
-        if val_examples and (step % cfg.eval_every == 0 or step == cfg.steps):
-            entry["val_loss"] = evaluate_loss(peft_model, val_examples, cfg, marks, pad_id, autocast)
-        entry["elapsed_s"] = round(elapsed_before + time.perf_counter() - started, 2)
-        log.append(entry)
-        if on_step is not None:
-            on_step(entry)
-        if bar is not None:
-            bar.set_postfix(
-                loss=f"{loss_sum:.3f}", **({"val": f"{entry['val_loss']:.3f}"} if "val_loss" in entry else {})
-            )
-            bar.update(1)
-        if step % cfg.save_every == 0 and step < cfg.steps:
-            save_checkpoint()
-        if cfg.max_minutes is not None and (time.perf_counter() - started) / 60 > cfg.max_minutes and step < cfg.steps:
-            stopped = f"time budget of {cfg.max_minutes} min reached at step {step} of {cfg.steps}"
-            if val_examples and "val_loss" not in entry:
+    try:
+        while step < cfg.steps:
+            order = example_order(len(train_examples), cfg.seed, step * cfg.batch_size, cfg.batch_size)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for m in range(cfg.accumulation):
+                idx = order[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size]
+                nll = target_nll(
+                    peft_model, [train_examples[i] for i in idx], cfg.layout, marks, pad_id, excluded, autocast
+                )
+                loss = nll.mean() / cfg.accumulation
+                loss.backward()
+                loss_sum += float(loss.detach())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0))
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            entry: dict[str, Any] = {
+                "step": step,
+                "loss": loss_sum,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+            }
+            if val_examples and (step % cfg.eval_every == 0 or step == cfg.steps):
                 entry["val_loss"] = evaluate_loss(peft_model, val_examples, cfg, marks, pad_id, autocast)
+            entry["elapsed_s"] = round(elapsed_before + time.perf_counter() - started, 2)
+            log.append(entry)
+            if on_step is not None:
+                on_step(entry)
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{loss_sum:.3f}", **({"val": f"{entry['val_loss']:.3f}"} if "val_loss" in entry else {})
+                )
+                bar.update(1)
+            if step % cfg.save_every == 0 and step < cfg.steps:
+                save_checkpoint()
+            if (
+                cfg.max_minutes is not None
+                and (time.perf_counter() - started) / 60 > cfg.max_minutes
+                and step < cfg.steps
+            ):
+                stopped = f"time budget of {cfg.max_minutes} min reached at step {step} of {cfg.steps}"
+                if val_examples and "val_loss" not in entry:
+                    entry["val_loss"] = evaluate_loss(peft_model, val_examples, cfg, marks, pad_id, autocast)
+                save_checkpoint()
+                break
+    except KeyboardInterrupt:
+        # Ctrl-C: keep what the finished steps learned, so `--resume` continues from here.
+        if step > 0 and not (out / CHECKPOINT_DIR / f"step-{step}.pt").is_file():
             save_checkpoint()
-            break
+        if bar is not None:
+            bar.close()
+        raise
     if bar is not None:
         bar.close()
 

@@ -303,6 +303,19 @@ def test_resume_continues_from_the_checkpoint_step(base_dir, examples, tmp_path)
         train(model, tok, examples[:24], tmp_path / "cut", cfg, resume=True, progress=False)
 
 
+def test_ctrl_c_leaves_a_checkpoint_to_resume_from(base_dir, examples, tmp_path) -> None:
+    def ctrl_c(entry):
+        if entry["step"] == 3:
+            raise KeyboardInterrupt
+
+    model, tok = _load_base(base_dir)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tok, examples[:8], tmp_path / "k", TrainConfig(**FAST), progress=False, on_step=ctrl_c)
+    assert (tmp_path / "k" / "checkpoints" / "step-3.pt").is_file()
+    model, tok = _load_base(base_dir)
+    assert train(model, tok, examples[:8], tmp_path / "k", TrainConfig(**FAST), resume=True, progress=False).steps == 6
+
+
 def test_time_budget_stops_with_a_checkpoint(base_dir, examples, tmp_path) -> None:
     model, tok = _load_base(base_dir)
     cfg = TrainConfig(**{**FAST, "steps": 50, "max_minutes": 1e-6})

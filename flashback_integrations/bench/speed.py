@@ -107,6 +107,22 @@ def synthetic_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
 
 
+def fill_random(model, std: float = 0.02, pool: int = 1 << 20) -> None:
+    """Give every weight random values from a 1M-value pool (tiled): timing does not depend on the values,
+    and drawing 1B+ fresh normals takes ~15 s on a small CPU (transformers' own init is slower still)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(pool + 7919, generator=gen) * std
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            flat = p.view(-1)
+            src = values[(i * 104729) % 7919 :][:pool].to(device=p.device, dtype=p.dtype)
+            for start in range(0, flat.numel(), pool):
+                n = min(pool, flat.numel() - start)
+                flat[start : start + n].copy_(src[:n])
+
+
 def load_model(name: str, dtype: str, device: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -114,12 +130,14 @@ def load_model(name: str, dtype: str, device: str):
     from ..model import FlashBackModel
 
     if name.startswith("config:"):
+        from transformers.initialization import no_init_weights
+
         spec = dict(NAMED_CONFIGS[name.removeprefix("config:")])
         config = AutoConfig.for_model(spec.pop("model_type"), **spec)
-        torch.manual_seed(0)
-        with torch.device(device):
+        with torch.device(device), no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-        return FlashBackModel(model, synthetic_tokenizer(config.vocab_size), name=name)
+        fill_random(model)
+        return FlashBackModel(model.eval(), synthetic_tokenizer(config.vocab_size), name=name)
     return FlashBackModel.from_pretrained(name, dtype=dtype, device=device)
 
 
