@@ -457,6 +457,7 @@ def bench_speed(
     prompt_tokens: Annotated[int | None, typer.Option(help="Prompt length (default: min(512, T/4)).")] = None,
     gen_tokens: Annotated[int | None, typer.Option(help="Generated tokens (default: T - prompt - doc).")] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per point (median reported).")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Sequences generated together (lockstep batch).")] = 1,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("benchmarks/results"),
@@ -471,6 +472,8 @@ def bench_speed(
 
     cases = []
     try:
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
         for total in (int(t) for t in lengths.split(",")):
             prompt, gen = plan_lengths(total, doc_tokens, prompt_tokens, gen_tokens)
             for mode in modes.split(","):
@@ -486,6 +489,7 @@ def bench_speed(
                         dtype=dtype,
                         device=device,
                         repeats=repeats,
+                        batch_size=batch_size,
                     )
                 )
     except ValueError as exc:
@@ -520,6 +524,7 @@ def bench_speed(
             "prompt_tokens": prompt_tokens,
             "gen_tokens": gen_tokens,
             "repeats": repeats,
+            "batch_size": batch_size,
             "dtype": dtype,
             "device": device,
         }.items()
@@ -528,14 +533,16 @@ def bench_speed(
     (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
     plot(summary, out / f"{stem}.png", f"{model} {dtype} on {device}: stride {stride}, doc {doc_tokens}")
     table = Table(title=f"{model}, {dtype}, {device}")
-    for column in ("T", "mode", "median s", "ms/token", "tokens through model", "peak MB"):
+    for column in ("T", "mode", "batch", "median s", "ms/step", "tokens/s", "tokens through model", "peak MB"):
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(
             str(r["total_tokens"]),
             r["mode"],
+            str(r.get("batch_size", 1)),
             f"{r['median_s']:.2f}",
             f"{r['ms_per_token']:.1f}",
+            f"{r['tokens_per_s']:.1f}",
             str(r["forward_tokens"]),
             f"{r['peak_memory_mb']:.0f}",
         )

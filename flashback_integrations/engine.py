@@ -58,12 +58,14 @@ class KVContext:
 
     ``next_logits(ctx)`` returns the logits after the last id of ``ctx`` as a full forward over
     ``ctx`` would, recomputing only the part of ``ctx`` that differs from what is cached.
+    ``next_logits_rows`` does the same for several contexts of equal length at once (one batch):
+    the cache is kept up to the shortest prefix any row shares with what it holds.
     """
 
     def __init__(self, model: Any) -> None:
         self.model = model
         self.cache = DynamicCache()
-        self.ids: list[int] = []
+        self.rows: list[list[int]] = []
         self.device = next(model.parameters()).device
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         params = inspect.signature(base.forward).parameters
@@ -71,23 +73,39 @@ class KVContext:
         # transformers >= 5.2x renamed `past_key_values` to `cache`; accept both
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
+    @property
+    def ids(self) -> list[int]:
+        """The ids the cache holds (single-row use)."""
+        return self.rows[0] if self.rows else []
+
     def next_logits(self, ctx: Sequence[int]) -> tuple[torch.Tensor, int, int]:
         """Logits ``[vocab]`` after ``ctx``, the number of cached ids kept, and the number fed."""
-        if not ctx:
+        logits, keep, fed = self.next_logits_rows([ctx])
+        return logits[0], keep, fed
+
+    def next_logits_rows(self, ctxs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, int, int]:
+        """Logits ``[rows, vocab]`` after each context; contexts must have equal lengths."""
+        width = len(ctxs[0]) if ctxs else 0
+        if not width:
             raise ValueError("cannot compute logits for an empty context")
-        keep = min(_common_prefix(self.ids, ctx), len(ctx) - 1)
+        if any(len(c) != width for c in ctxs):
+            raise ValueError(f"contexts of a batch must have equal lengths, got {sorted({len(c) for c in ctxs})}")
+        held = len(self.rows[0]) if self.rows else 0
+        if len(self.rows) != len(ctxs):
+            keep = 0
+        else:
+            keep = min(width - 1, *(_common_prefix(h, c) for h, c in zip(self.rows, ctxs, strict=True)))
         if keep == 0:
             self.cache = DynamicCache()
-        elif keep < len(self.ids):
-            self.cache.crop(keep - len(self.ids))  # transformers 5: a negative count to remove
-        feed = list(ctx[keep:])
-        input_ids = torch.tensor([feed], dtype=torch.long, device=self.device)
-        positions = torch.arange(keep, len(ctx), dtype=torch.long, device=self.device).unsqueeze(0)
+        elif keep < held:
+            self.cache.crop(keep - held)  # transformers 5: a negative count to remove
+        input_ids = torch.tensor([list(c[keep:]) for c in ctxs], dtype=torch.long, device=self.device)
+        positions = torch.arange(keep, width, dtype=torch.long, device=self.device).expand(len(ctxs), -1)
         kwargs: dict[str, Any] = {self._cache_kwarg: self.cache}
         if self._last_only:
             kwargs["logits_to_keep"] = 1
         # Keep the ids in step with the cache even if the forward fails half-way.
-        self.ids = []
+        self.rows = []
         with torch.no_grad():
             out = self.model(
                 input_ids=input_ids,
@@ -95,8 +113,8 @@ class KVContext:
                 use_cache=True,
                 **kwargs,
             )
-        self.ids = list(ctx)
-        return out.logits[0, -1].float(), keep, len(feed)
+        self.rows = [list(c) for c in ctxs]
+        return out.logits[:, -1].float(), keep, width - keep
 
 
 @dataclass
@@ -232,6 +250,74 @@ def run(model: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:
             elapsed_s=time.perf_counter() - started,
         )
     )
+
+
+def run_rows(model: Any, tokenizer: Any, specs: Sequence[GenerationSpec]) -> list[GenerationResult]:
+    """Greedy generation of several sequences in lockstep, one batched forward per step.
+
+    Each row retrieves with its own query, and the cache logic is :class:`KVContext`'s, so every
+    row's tokens are those of :func:`run` on that row alone. The rows' contexts must keep equal
+    lengths (equal prompt lengths and passages of equal token length, as in the runtime benchmark);
+    EOS and stop strings are not applied.
+    """
+    from .errors import ConfigError
+
+    cfg = specs[0].config
+    steps = specs[0].max_new_tokens
+    started = time.perf_counter()
+    kv = KVContext(model)
+    retrievers = [_Retriever(spec) if cfg.retrieves else None for spec in specs]
+    generated: list[list[int]] = [[] for _ in specs]
+    blocks: list[list[int]] = [[] for _ in specs]
+    block_step = 0
+    retrievals: list[list[Retrieval]] = [[] for _ in specs]
+    known = specs[0].marks or find_mark_ids(tokenizer)
+    banned = [known.left, known.right] if known else []
+    fed_total = 0
+    try:
+        for step in range(steps):
+            records: list[Retrieval | None] = [None] * len(specs)
+            if cfg.retrieves and step % cfg.stride == 0:
+                for i, (spec, retriever) in enumerate(zip(specs, retrievers, strict=True)):
+                    records[i], blocks[i] = _retrieve(spec, tokenizer, retriever, spec.prompt_ids, generated[i], step)  # type: ignore[arg-type]
+                block_step = step
+            ctxs = [
+                build_context(cfg.mode, spec.prompt_ids, generated[i], block_step, blocks[i], tokenizer.bos_token_id)
+                for i, spec in enumerate(specs)
+            ]
+            if len({len(c) for c in ctxs}) > 1:
+                raise ConfigError(
+                    f"Batched rows diverged in length at step {step} (context lengths {[len(c) for c in ctxs]}): "
+                    "generate_batch needs prompts of equal token length and passages of equal token length "
+                    "(e.g. Passage.token_ids of a fixed size). Use generate() per prompt otherwise."
+                )
+            logits, kept, fed = kv.next_logits_rows(ctxs)
+            fed_total += fed
+            for i, record in enumerate(records):
+                if record is not None:
+                    record.reused_tokens, record.prefill_tokens = kept, fed
+                    retrievals[i].append(record)
+            if banned:
+                logits[:, banned] = float("-inf")
+            for row, token in zip(generated, logits.argmax(-1).tolist(), strict=True):
+                row.append(int(token))
+    finally:
+        for retriever in retrievers:
+            if retriever is not None:
+                retriever.close()
+    elapsed = time.perf_counter() - started
+    return [
+        GenerationResult(
+            text=tokenizer.decode(tokens, skip_special_tokens=True),
+            token_ids=tokens,
+            retrievals=retrievals[i],
+            finish_reason="length",
+            prompt_tokens=len(specs[i].prompt_ids),
+            forward_tokens=fed_total,
+            elapsed_s=elapsed,
+        )
+        for i, tokens in enumerate(generated)
+    ]
 
 
 def _retrieve(

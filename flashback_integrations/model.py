@@ -286,3 +286,28 @@ class FlashBackModel:
             first_query=first_query,
         )
         return final_result(events)
+
+    def generate_batch(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        retriever: RetrieverLike | None = None,
+        *,
+        config: FlashBackConfig | None = None,
+        max_new_tokens: int = 64,
+    ) -> list[GenerationResult]:
+        """Greedy generation of several prompts in one batch (a batched forward per step).
+
+        Each row retrieves for itself and gets the tokens ``generate`` would give it. The rows must
+        keep equal context lengths: prompts of equal token length and passages of equal token length
+        (the runtime benchmark's setting). EOS and stop strings are not applied.
+        """
+        if not prompts:
+            raise ConfigError("generate_batch needs at least one prompt.")
+        specs = [self.prepare(p, retriever, config=config, max_new_tokens=max_new_tokens) for p in prompts]
+        lengths = {len(s.prompt_ids) for s in specs}
+        if len(lengths) > 1:
+            raise ConfigError(
+                f"generate_batch needs prompts of equal token length, got {sorted(lengths)}; "
+                "use generate() per prompt for prompts of different lengths."
+            )
+        return engine.run_rows(self.model, self.tokenizer, specs)

@@ -53,3 +53,16 @@ def test_plan_lengths() -> None:
     assert plan_lengths(2048, 128, None, None) == (512, 1408)
     assert plan_lengths(512, 128, None, None) == (128, 256)
     assert plan_lengths(16384, 128, None, 1024) == (15232, 1024)
+
+
+def test_speed_benchmark_batches_rows_in_lockstep(tmp_path) -> None:
+    model = save_tiny_chat_model(tmp_path / "tiny", marks=False)
+    args = ["bench", "speed", "--model", model, "--lengths", "64", "--modes", "append,none", "--stride", "4",
+            "--doc-tokens", "8", "--repeats", "1", "--out", str(tmp_path / "out")]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--batch-size", "3", "--stem", "b"])
+    assert result.exit_code == 0, result.output
+    runs = json.loads((tmp_path / "out" / "b.json").read_text())["runs"]
+    assert {r["batch_size"] for r in runs} == {3}
+    assert all(r["tokens_per_s"] > 0 for r in runs) and not (tmp_path / "out" / "b.partial.json").exists()
+    bad = CliRunner().invoke(app, [*args, "--batch-size", "0"])
+    assert bad.exit_code == 2 and "--batch-size" in bad.output

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import threading
+import zlib
 
+import pytest
 import torch
 from tiny import HashRetriever, make_model
 
 from flashback_integrations import (
     BM25Retriever,
+    ConfigError,
     FinishEvent,
     FlashBackCallback,
     FlashBackConfig,
@@ -227,3 +230,47 @@ def test_pretokenised_passages_skip_tokenisation(llama_fb: FlashBackModel) -> No
     )
     assert as_ids.token_ids == as_text.token_ids
     assert as_ids.retrievals[0].block_tokens == min(len(ids), CFG.max_doc_tokens) + 2
+
+
+class FixedLengthRetriever:
+    """Query-dependent passages of exactly ``n`` tokens, so batched rows keep equal lengths."""
+
+    def __init__(self, n: int = 6, vocab: int = 250) -> None:
+        self.n, self.vocab = n, vocab
+
+    def retrieve(self, query: str, k: int):
+        h = zlib.crc32(query.encode())
+        return [Passage(text="", token_ids=tuple(10 + (h * (i + 3) + 7 * j) % self.vocab for j in range(self.n)))
+                for i in range(k)]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("mode", ["append", "prepend", "none"])
+def test_batched_rows_equal_each_row_generated_alone(arch: str, mode: str) -> None:
+    model, tok = make_model(arch, marks=True)
+    fb = FlashBackModel(model, tok)
+    torch.manual_seed(1)
+    prompts = [torch.randint(10, 250, (9,)).tolist() for _ in range(4)]
+    cfg = FlashBackConfig(mode=mode, stride=3, query_tokens=5, max_doc_tokens=6)
+    retriever = FixedLengthRetriever()
+    batch = fb.generate_batch(prompts, retriever if mode != "none" else None, config=cfg, max_new_tokens=10)
+    for prompt, got in zip(prompts, batch, strict=True):
+        alone = fb.generate(
+            prompt, retriever if mode != "none" else None, config=cfg, max_new_tokens=10, ignore_eos=True
+        )
+        assert got.token_ids == alone.token_ids
+        assert [r.query for r in got.retrievals] == [r.query for r in alone.retrievals]
+    if mode == "append":  # the batch reuses the cache like a single row does
+        assert [r.reused_tokens for r in batch[0].retrievals][1:] == [r.reused_tokens for r in alone.retrievals][1:]
+
+
+def test_batched_rows_must_keep_equal_lengths() -> None:
+    model, tok = make_model("llama", marks=True)
+    fb = FlashBackModel(model, tok)
+    with pytest.raises(ConfigError, match="equal token length"):
+        fb.generate_batch([[11, 12, 13], [11, 12]], config=FlashBackConfig(mode="none"), max_new_tokens=2)
+    with pytest.raises(ConfigError, match="diverged"):
+        fb.generate_batch(
+            [[11, 12, 13], [40, 41, 42]], HashRetriever(), config=FlashBackConfig(stride=2), max_new_tokens=4
+        )
+    assert fb.generate([11, 12, 13], max_new_tokens=3, config=FlashBackConfig(mode="none")).token_ids  # still usable

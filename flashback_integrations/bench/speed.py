@@ -78,6 +78,7 @@ class SpeedCase:
     device: str = "cpu"
     repeats: int = 3
     seed: int = 0
+    batch_size: int = 1
 
 
 def plan_lengths(total: int, doc_tokens: int, prompt_tokens: int | None, gen_tokens: int | None) -> tuple[int, int]:
@@ -172,16 +173,20 @@ def run_case(case: SpeedCase) -> dict[str, Any]:
     use = retriever if case.mode != "none" else None
     cuda = case.device.startswith("cuda")
 
-    def once(prompt: list[int], n: int) -> tuple[float, int]:
+    def once(n: int) -> tuple[float, int]:
+        prompts = [random_ids(case.prompt_tokens) for _ in range(case.batch_size)]
         if cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        result = fb.generate(prompt, use, config=config, max_new_tokens=n, ignore_eos=True)
+        if case.batch_size == 1:  # the product path: FlashBackModel.generate
+            forwarded = fb.generate(prompts[0], use, config=config, max_new_tokens=n, ignore_eos=True).forward_tokens
+        else:  # rows in lockstep, one batched forward per step (same KVContext)
+            forwarded = fb.generate_batch(prompts, use, config=config, max_new_tokens=n)[0].forward_tokens
         if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - started, result.forward_tokens
+        return time.perf_counter() - started, forwarded
 
-    once(random_ids(case.prompt_tokens), min(case.gen_tokens, 2 * case.stride + 1))  # warm-up
+    once(min(case.gen_tokens, 2 * case.stride + 1))  # warm-up
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     rss_before = _rss_mb()
@@ -190,7 +195,7 @@ def run_case(case: SpeedCase) -> dict[str, Any]:
     forwarded = 0
     with sampler:
         for _ in range(case.repeats):
-            seconds, forwarded = once(random_ids(case.prompt_tokens), case.gen_tokens)
+            seconds, forwarded = once(case.gen_tokens)
             times.append(seconds)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else sampler.peak_mb
     return {
@@ -198,6 +203,7 @@ def run_case(case: SpeedCase) -> dict[str, Any]:
         "seconds": times,
         "median_s": statistics.median(times),
         "ms_per_token": 1000 * statistics.median(times) / case.gen_tokens,
+        "tokens_per_s": case.batch_size * case.gen_tokens / statistics.median(times),
         "forward_tokens": forwarded,
         "peak_memory_mb": round(peak, 1),
         "memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS while generating",
