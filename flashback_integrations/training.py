@@ -41,6 +41,9 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
 CHECKPOINT_DIR = "checkpoints"
+# Settings that do not change what is learned, so a resumed run may differ in them (e.g. a CPU run
+# spread over sessions with a time budget each, or continued on another device).
+RESUME_MAY_CHANGE = {"max_minutes", "device", "bf16", "eval_every", "save_every", "keep_checkpoints"}
 LOG_NAME = "training_log.json"
 PLOT_NAME = "loss.png"
 
@@ -264,7 +267,7 @@ def train(
     cfg = cfg or TrainConfig()
     example_settings = example_settings or ExampleSettings()
     if not train_examples:
-        raise ConfigError("No training examples; build them with `flashback data build` or pass --corpus.")
+        raise ConfigError("No training examples; build them with `flashback data build` or pass --docs.")
     out = Path(output_dir)
     checkpoint = _latest_checkpoint(out) if resume else None
     if resume and checkpoint is None:
@@ -298,8 +301,9 @@ def train(
     elapsed_before = 0.0
     if checkpoint is not None:
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if state["config"] != asdict(cfg):
-            changed = sorted(k for k in state["config"] if state["config"][k] != asdict(cfg).get(k))
+        now = asdict(cfg)
+        changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and state["config"].get(k) != now[k])
+        if changed:
             raise ConfigError(f"--resume with different settings than the checkpoint ({changed}); use the same ones.")
         for name, tensor in state["trainable"].items():
             params[name].data.copy_(tensor)

@@ -323,6 +323,10 @@ def test_time_budget_stops_with_a_checkpoint(base_dir, examples, tmp_path) -> No
     assert result.steps == 1 and "time budget" in result.stopped_early
     assert (tmp_path / "t" / "checkpoints" / "step-1.pt").is_file()
     assert (tmp_path / "t" / "adapter_model.safetensors").is_file()
+    # the next session continues with another budget (and the rest of the settings unchanged)
+    model, tok = _load_base(base_dir)
+    more = TrainConfig(**{**FAST, "steps": 50, "max_minutes": 60.0, "eval_every": 7})
+    assert train(model, tok, examples[:8], tmp_path / "t", more, resume=True, progress=False).steps == 50
 
 
 def test_train_config_validation() -> None:
