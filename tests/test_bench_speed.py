@@ -56,7 +56,7 @@ def test_plan_lengths() -> None:
 
 
 def test_speed_benchmark_batches_rows_in_lockstep(tmp_path) -> None:
-    model = save_tiny_chat_model(tmp_path / "tiny", marks=False)
+    model = save_tiny_chat_model(tmp_path / "tiny", marks=True)  # marks are the highest ids, never random input
     args = ["bench", "speed", "--model", model, "--lengths", "64", "--modes", "append,none", "--stride", "4",
             "--doc-tokens", "8", "--repeats", "1", "--out", str(tmp_path / "out")]  # fmt: skip
     result = CliRunner().invoke(app, [*args, "--batch-size", "3", "--stem", "b"])

@@ -153,11 +153,12 @@ def run_case(case: SpeedCase) -> dict[str, Any]:
     fb = load_model(case.model, case.dtype, case.device)
     load_s = time.perf_counter() - load_started
     vocab = min(fb.model.get_input_embeddings().weight.shape[0], len(fb.tokenizer))
-    low = max(fb.tokenizer.all_special_ids or [0]) + 1
+    special = set(fb.tokenizer.all_special_ids or [])
+    allowed = torch.tensor([i for i in range(vocab) if i not in special])  # marks included: never random
     gen = torch.Generator().manual_seed(case.seed)
 
     def random_ids(n: int) -> list[int]:
-        return torch.randint(low, vocab, (n,), generator=gen).tolist()
+        return allowed[torch.randint(0, len(allowed), (n,), generator=gen)].tolist()
 
     def retriever(query: str, k: int) -> list[Passage]:
         return [Passage(text="", token_ids=tuple(random_ids(case.doc_tokens)))]
