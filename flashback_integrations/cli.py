@@ -815,7 +815,7 @@ def train(
         data_info.pop("val_sources", None)
         source = resolve_model(model)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        base = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype("float32"))
+        base = AutoModelForCausalLM.from_pretrained(source, dtype="float32")
         result = run_training(
             base, tokenizer, train_ex, out, cfg, val_ex, settings, _base_label(model), data_info, resume=resume
         )
@@ -823,12 +823,6 @@ def train(
         raise _fail(exc) from exc
     note = f" (stopped early: {result.stopped_early}; rerun with --resume)" if result.stopped_early else ""
     console.print(f"adapter written to {out} after {result.steps} steps; validation loss {result.final_val_loss}{note}")
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
 
 
 def _base_label(model: str) -> str:

@@ -12,6 +12,14 @@ MODES: tuple[str, ...] = ("append", "prepend", "none")
 ON_ERROR: tuple[str, ...] = ("raise", "skip")
 
 
+def require_positive_ints(obj: Any, names: tuple[str, ...]) -> None:
+    """The settings objects' shared check: each named field is an int > 0 (``True`` is not an int here)."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+
+
 @dataclass
 class FlashBackConfig:
     """How retrieval is interleaved with generation (METHOD.md).
@@ -38,10 +46,7 @@ class FlashBackConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r} is not one of {MODES}.")
-        for name in ("stride", "query_tokens", "top_k", "max_doc_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        require_positive_ints(self, ("stride", "query_tokens", "top_k", "max_doc_tokens"))
         if self.marks not in (None, True, False):
             raise ConfigError(f"marks must be True, False or None (auto), got {self.marks!r}.")
         if self.on_retrieval_error not in ON_ERROR:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import require_positive_ints
 from .errors import ConfigError, RetrievalError
 from .layout import MarkIds, build_context, wrap_block
 from .retrieval import Passage
@@ -63,9 +64,7 @@ class ExampleSettings:
     min_window: int = 256
 
     def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        require_positive_ints(self, tuple(asdict(self)))
         if self.max_window < self.min_window:
             raise ConfigError(
                 f"context_budget={self.context_budget} leaves a window of {self.max_window} tokens, below "

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .adapter import AdapterManifest, add_mark_tokens, base_fingerprint, save_adapter
-from .config import FlashBackConfig
+from .config import FlashBackConfig, require_positive_ints
 from .data import Example, ExampleSettings, example_ids, summarize
 from .errors import ConfigError
 from .layout import MarkIds, find_mark_ids
@@ -78,10 +78,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.layout not in ("append", "prepend"):
             raise ConfigError(f"layout must be 'append' or 'prepend', got {self.layout!r}.")
-        for name in ("lora_r", "lora_alpha", "steps", "batch_size", "micro_batch_size", "eval_every", "save_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        require_positive_ints(
+            self, ("lora_r", "lora_alpha", "steps", "batch_size", "micro_batch_size", "eval_every", "save_every")
+        )
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}."
