@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from .config import FlashBackConfig
 from .errors import RetrievalError
@@ -53,6 +54,54 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return lo
 
 
+class _RoomyLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values are views of a buffer with spare room.
+
+    ``DynamicLayer`` concatenates on every update, which copies the layer's whole cache once per
+    decoded token: about a fifth of a CPU decode step of the default model at 4K tokens. Writing
+    into spare room avoids that copy, and ``DynamicLayer.crop`` (a shorter view) still applies.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.keys = key_states[..., :0, :]
+        self.values = value_states[..., :0, :]
+        self._room: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held, need = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
+        room = self._room
+        if (
+            room is None
+            or need > room[0].shape[-2]
+            or room[0].shape[:-2] != key_states.shape[:-2]
+            or self.keys._base is not room[0]  # replaced by another DynamicLayer method
+        ):
+            size = max(need + 256, room[0].shape[-2] * 3 // 2 if room is not None else 0)
+            room = tuple(  # type: ignore[assignment]
+                new.new_empty(*new.shape[:-2], size, new.shape[-1]) for new in (key_states, value_states)
+            )
+            room[0][..., :held, :] = self.keys
+            room[1][..., :held, :] = self.values
+            self._room = room
+        room[0][..., held:need, :] = key_states
+        room[1][..., held:need, :] = value_states
+        self.keys, self.values = room[0][..., :need, :], room[1][..., :need, :]
+        return self.keys, self.values
+
+
+class _RoomyCache(DynamicCache):
+    """``DynamicCache`` (so model code treats it as one) built from :class:`_RoomyLayer`."""
+
+    def __init__(self) -> None:
+        Cache.__init__(self, layer_class_to_replicate=_RoomyLayer)
+
+
 class KVContext:
     """A ``DynamicCache`` plus the exact ids it holds, so reuse can never be wrong.
 
@@ -64,7 +113,7 @@ class KVContext:
 
     def __init__(self, model: Any) -> None:
         self.model = model
-        self.cache = DynamicCache()
+        self.cache = _RoomyCache()
         self.rows: list[list[int]] = []
         self.device = next(model.parameters()).device
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -96,7 +145,7 @@ class KVContext:
         else:
             keep = min(width - 1, *(_common_prefix(h, c) for h, c in zip(self.rows, ctxs, strict=True)))
         if keep == 0:
-            self.cache = DynamicCache()
+            self.cache = _RoomyCache()
         elif keep < held:
             self.cache.crop(keep - held)  # transformers 5: a negative count to remove
         input_ids = torch.tensor([list(c[keep:]) for c in ctxs], dtype=torch.long, device=self.device)

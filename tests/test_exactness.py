@@ -131,3 +131,35 @@ def test_append_cache_arithmetic(arch_model: FlashBackModel, marks: bool) -> Non
         assert r.block_tokens > 0
         assert r.reused_tokens == len(P) + r.step - s
         assert r.prefill_tokens == s + r.block_tokens
+
+
+def test_cache_outgrows_its_room_and_crops_exactly(arch_model: FlashBackModel) -> None:
+    """KVContext's cache writes into spare room; growing past it, cropping and changing rows stay exact."""
+    from flashback_integrations.engine import KVContext
+
+    fb = arch_model
+    gen = torch.Generator().manual_seed(3)
+    special = set(fb.tokenizer.all_special_ids)
+    pool = [i for i in range(fb.model.config.vocab_size) if i not in special]
+
+    def rand(n: int) -> list[int]:
+        return [pool[i] for i in torch.randint(len(pool), (n,), generator=gen).tolist()]
+
+    # (context, ids the cache should keep): the first room holds 200 + 256 ids (tiny models: 512 positions)
+    steps = [(rand(200), 0)]
+    for _ in range(8):  # decode steps
+        steps.append((steps[-1][0] + rand(1), len(steps[-1][0])))
+    steps.append((steps[-1][0] + rand(260), len(steps[-1][0])))  # one forward past the room
+    steps.append((steps[-1][0][:150] + rand(40), 150))  # crop deep, then regrow
+    steps.append((steps[-1][0] + rand(1), 190))
+    kv = KVContext(fb.model)
+    for ctx, keep in steps:
+        logits, kept, fed = kv.next_logits(ctx)
+        assert (kept, fed) == (keep, len(ctx) - keep)
+        diff = (logits - full_logits(fb, ctx)).abs().max().item()
+        assert diff <= 1e-4, f"context of {len(ctx)} ids: max |cached - full| = {diff}"
+    rows = [steps[-1][0][:100], rand(100)]  # two rows after one: a fresh cache, exact per row
+    logits, kept, _ = kv.next_logits_rows(rows)
+    assert kept == 0
+    for row, got in zip(rows, logits, strict=True):
+        assert (got - full_logits(fb, row)).abs().max().item() <= 1e-4
