@@ -552,6 +552,74 @@ def bench_speed(
     console.print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
 
 
+@bench_app.command("forward")
+def bench_forward(
+    model: Annotated[
+        str,
+        typer.Option(
+            help="'default', a hub id/path, or config:NAME (random weights: llama-1b, llama-7b, opt-125m, opt-6.7b)."
+        ),
+    ] = "default",
+    lengths: Annotated[str, typer.Option(help="Comma-separated context lengths T.")] = "512,1024,2048,4096",
+    stride: Annotated[int, typer.Option(help="Retrieve every N tokens.")] = 16,
+    doc_tokens: Annotated[int, typer.Option(help="Tokens of each passage.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Rows per forward.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed forwards per point (median reported).")] = 5,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("benchmarks/results"),
+    stem: Annotated[str, typer.Option(help="Output file name stem.")] = "forward_cpu",
+) -> None:
+    """Cost of a decode step, an append re-feed and a prepend recompute at length T (JSON + PNG).
+
+    The ratios explain `bench speed`: append costs (stride - 1 + refeed/decode) / stride of plain
+    decoding, so it approaches plain decoding only where a re-feed costs about one decode step.
+    """
+    import json
+
+    from .bench.speed import forward_costs, load_model, plot_forward_costs
+
+    try:
+        if batch_size < 1 or repeats < 1:
+            raise ValueError(f"--batch-size and --repeats must be at least 1, got {batch_size} and {repeats}")
+        points = [int(t) for t in lengths.split(",")]
+        fb = load_model(model, dtype, device)
+        results = forward_costs(fb, points, stride, doc_tokens, batch_size, repeats)
+    except ValueError as exc:
+        raise _fail(exc) from exc
+    out.mkdir(parents=True, exist_ok=True)
+    command = (
+        f"flashback bench forward --model {model} --lengths {lengths} --stride {stride} --doc-tokens {doc_tokens} "
+        f"--batch-size {batch_size} --repeats {repeats} --dtype {dtype} --device {device}"
+    )
+    (out / f"{stem}.json").write_text(json.dumps({"runs": results, "command": command}, indent=2))
+    title = f"{model} {dtype} on {device}, batch {batch_size}: one forward at length T"
+    plot_forward_costs(results, out / f"{stem}.png", title)
+    table = Table(title=f"{model}, {dtype}, {device}, batch {batch_size}")
+    for column in (
+        "T",
+        "decode ms",
+        "re-feed ms",
+        "recompute ms",
+        "re-feed/decode",
+        "append/none (pred.)",
+        "prepend/append (pred.)",
+    ):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(
+            str(r["total_tokens"]),
+            f"{r['decode_ms']:.1f}",
+            f"{r['refeed_ms']:.1f}",
+            f"{r['recompute_ms']:.1f}",
+            f"{r['refeed_over_decode']:.2f}",
+            f"{r['predicted_append_over_none']:.3f}",
+            f"{r['predicted_prepend_over_append']:.2f}",
+        )
+    console.print(table)
+    console.print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+
+
 # --------------------------------------------------------------------------- data, train, eval
 data_app = typer.Typer(help="Build training/evaluation examples (targets + retrieved passages).", no_args_is_help=True)
 app.add_typer(data_app, name="data")

@@ -66,3 +66,37 @@ def test_speed_benchmark_batches_rows_in_lockstep(tmp_path) -> None:
     assert all(r["tokens_per_s"] > 0 for r in runs) and not (tmp_path / "out" / "b.partial.json").exists()
     bad = CliRunner().invoke(app, [*args, "--batch-size", "0"])
     assert bad.exit_code == 2 and "--batch-size" in bad.output
+
+
+def test_forward_costs_time_the_three_forwards_of_a_cycle(tmp_path, monkeypatch) -> None:
+    """Decode feeds 1 id after T-1 kept, append's re-feed stride + doc after T - stride - doc, prepend all T."""
+    from flashback_integrations.engine import KVContext
+
+    fed: list[tuple[int, int, int]] = []  # (rows, kept, fed) of every forward
+    original = KVContext.next_logits_rows
+
+    def spy(self, ctxs):
+        logits, keep, n = original(self, ctxs)
+        fed.append((len(ctxs), keep, n))
+        return logits, keep, n
+
+    monkeypatch.setattr(KVContext, "next_logits_rows", spy)
+    model = save_tiny_chat_model(tmp_path / "tiny", marks=True)
+    args = ["bench", "forward", "--model", model, "--lengths", "40,64", "--stride", "4", "--doc-tokens", "8",
+            "--repeats", "2", "--batch-size", "2", "--out", str(tmp_path / "out"), "--stem", "f"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    runs = json.loads((tmp_path / "out" / "f.json").read_text())["runs"]
+    assert [r["total_tokens"] for r in runs] == [40, 64]
+    for r in runs:
+        assert r["decode_ms"] > 0 and r["refeed_over_decode"] == round(r["refeed_ms"] / r["decode_ms"], 2)
+        x = r["refeed_ms"] / r["decode_ms"]
+        assert abs(r["predicted_append_over_none"] - (3 + x) / 4) < 2e-3
+    # per length: one untimed build, then (warm-up +) repeats x (decode, re-feed, recompute)
+    assert fed[0] == (2, 0, 39)
+    assert fed[1:4] == [(2, 39, 1), (2, 40 - 12, 12), (2, 0, 40)]
+    assert set(fed[1:10]) == {(2, 39, 1), (2, 28, 12), (2, 0, 40)} and fed[10] == (2, 0, 63)
+    assert set(fed[11:]) == {(2, 63, 1), (2, 52, 12), (2, 0, 64)} and len(fed) == 17
+    assert (tmp_path / "out" / "f.png").stat().st_size > 1000
+    bad = CliRunner().invoke(app, [*args[:4], "--lengths", "12", "--stride", "4", "--doc-tokens", "8"])
+    assert bad.exit_code == 2 and "must exceed stride + doc tokens" in bad.output

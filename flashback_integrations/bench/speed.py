@@ -305,5 +305,120 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def forward_costs(
+    fb: Any,
+    lengths: list[int],
+    stride: int = 16,
+    doc_tokens: int = 128,
+    batch_size: int = 1,
+    repeats: int = 5,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Time the three forwards a retrieval cycle is made of, at context length T, through ``KVContext``.
+
+    A cycle of ``stride`` tokens costs ``stride - 1`` one-token decode steps plus one retrieval
+    forward: append re-feeds ``stride + doc_tokens`` ids after the kept cache (marks off, as in
+    ``run_case``); prepend recomputes all T ids. So the ratios that ``bench speed`` measures follow
+    from ``refeed/decode`` and ``recompute/decode`` on the machine at hand: this is METHOD.md's cost
+    model with measured, not counted, costs.
+    """
+    import torch
+
+    from ..engine import KVContext
+
+    device = next(fb.model.parameters()).device
+    cuda = device.type == "cuda"
+    vocab = min(fb.model.get_input_embeddings().weight.shape[0], len(fb.tokenizer))
+    special = set(fb.tokenizer.all_special_ids or [])
+    allowed = torch.tensor([i for i in range(vocab) if i not in special])
+    gen = torch.Generator().manual_seed(seed)
+
+    def rows(n: int) -> list[list[int]]:
+        return [allowed[torch.randint(0, len(allowed), (n,), generator=gen)].tolist() for _ in range(batch_size)]
+
+    def timed(kv: KVContext, ctxs: list[list[int]]) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        kv.next_logits_rows(ctxs)
+        if cuda:
+            torch.cuda.synchronize()
+        return 1000 * (time.perf_counter() - started)
+
+    tail = stride + doc_tokens
+    results = []
+    for i, total in enumerate(lengths):
+        if total <= tail:
+            raise ValueError(f"length {total} must exceed stride + doc tokens ({tail})")
+        base = rows(total - 1)
+        kv = KVContext(fb.model)
+        kv.next_logits_rows(base)
+        samples: dict[str, list[float]] = {"decode": [], "refeed": [], "recompute": []}
+        for rep in range(repeats + (1 if i == 0 else 0)):  # one warm-up round before the first length
+            refeed = [b[: total - tail] + r for b, r in zip(base, rows(tail), strict=True)]
+            got = {
+                "decode": timed(kv, [b + r for b, r in zip(base, rows(1), strict=True)]),  # keeps T-1, feeds 1
+                "refeed": timed(kv, refeed),  # keeps T - tail, feeds tail
+                "recompute": timed(KVContext(fb.model), [b + r for b, r in zip(base, rows(1), strict=True)]),
+            }
+            base = [c[:-1] for c in refeed]  # the cache now holds `refeed`: the next decode feeds one id
+            if i or rep:
+                for name, ms in got.items():
+                    samples[name].append(ms)
+        ms = {name: statistics.median(v) for name, v in samples.items()}
+        x, y = ms["refeed"] / ms["decode"], ms["recompute"] / ms["decode"]
+        results.append(
+            {
+                "total_tokens": total,
+                "batch_size": batch_size,
+                "stride": stride,
+                "doc_tokens": doc_tokens,
+                "repeats": repeats,
+                **{f"{name}_ms": round(v, 2) for name, v in ms.items()},
+                "refeed_over_decode": round(x, 2),
+                "recompute_over_decode": round(y, 2),
+                # a cycle at length T: stride - 1 decode steps plus the retrieval forward
+                "predicted_append_over_none": round((stride - 1 + x) / stride, 3),
+                "predicted_prepend_over_append": round((stride - 1 + y) / (stride - 1 + x), 2),
+            }
+        )
+    return results
+
+
+def plot_forward_costs(results: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    lengths = [r["total_tokens"] for r in results]
+    tail = results[0]["stride"] + results[0]["doc_tokens"]
+    for key, label in (
+        ("recompute_ms", "prepend retrieval: recompute all T ids"),
+        ("refeed_ms", f"append retrieval: re-feed {tail} ids"),
+        ("decode_ms", "decode step: 1 id"),
+    ):
+        ax.plot(lengths, [r[key] for r in results], marker="o", label=label)
+    for r in results:
+        ax.annotate(
+            f"{r['refeed_over_decode']}x",
+            (r["total_tokens"], r["refeed_ms"]),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=8,
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("context length T (tokens)")
+    ax.set_ylabel("ms per forward (median)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 if __name__ == "__main__":  # worker entry point: one case, JSON on the last line of stdout
     print(json.dumps(run_case(SpeedCase(**json.loads(sys.argv[1])))))
