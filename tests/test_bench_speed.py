@@ -89,9 +89,10 @@ def test_forward_costs_time_the_three_forwards_of_a_cycle(tmp_path, monkeypatch)
     runs = json.loads((tmp_path / "out" / "f.json").read_text())["runs"]
     assert [r["total_tokens"] for r in runs] == [40, 64]
     for r in runs:
-        assert r["decode_ms"] > 0 and r["refeed_over_decode"] == round(r["refeed_ms"] / r["decode_ms"], 2)
+        # the JSON holds rounded figures: ratios agree with them to rounding
         x = r["refeed_ms"] / r["decode_ms"]
-        assert abs(r["predicted_append_over_none"] - (3 + x) / 4) < 2e-3
+        assert r["decode_ms"] > 0 and abs(r["refeed_over_decode"] - x) <= 0.02 * x + 0.01
+        assert abs(r["predicted_append_over_none"] - (3 + x) / 4) <= 0.01 * x + 0.005
     # per length: one untimed build, then (warm-up +) repeats x (decode, re-feed, recompute)
     assert fed[0] == (2, 0, 39)
     assert fed[1:4] == [(2, 39, 1), (2, 40 - 12, 12), (2, 0, 40)]
