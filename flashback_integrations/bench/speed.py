@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,21 @@ def load_model(name: str, dtype: str, device: str):
     return FlashBackModel.from_pretrained(name, dtype=dtype, device=device)
 
 
+def random_id_source(fb: Any, seed: int) -> Callable[[int], list[int]]:
+    """Seeded random input ids that skip every special id (the default model's marks are the highest ids)."""
+    import torch
+
+    vocab = min(fb.model.get_input_embeddings().weight.shape[0], len(fb.tokenizer))
+    special = set(fb.tokenizer.all_special_ids or [])
+    allowed = torch.tensor([i for i in range(vocab) if i not in special])
+    gen = torch.Generator().manual_seed(seed)
+
+    def random_ids(n: int) -> list[int]:
+        return allowed[torch.randint(0, len(allowed), (n,), generator=gen)].tolist()
+
+    return random_ids
+
+
 def run_case(case: SpeedCase) -> dict[str, Any]:
     """Runs inside the worker process: warm-up, then timed generations."""
     import torch
@@ -152,13 +168,7 @@ def run_case(case: SpeedCase) -> dict[str, Any]:
     load_started = time.perf_counter()
     fb = load_model(case.model, case.dtype, case.device)
     load_s = time.perf_counter() - load_started
-    vocab = min(fb.model.get_input_embeddings().weight.shape[0], len(fb.tokenizer))
-    special = set(fb.tokenizer.all_special_ids or [])
-    allowed = torch.tensor([i for i in range(vocab) if i not in special])  # marks included: never random
-    gen = torch.Generator().manual_seed(case.seed)
-
-    def random_ids(n: int) -> list[int]:
-        return allowed[torch.randint(0, len(allowed), (n,), generator=gen)].tolist()
+    random_ids = random_id_source(fb, case.seed)
 
     def retriever(query: str, k: int) -> list[Passage]:
         return [Passage(text="", token_ids=tuple(random_ids(case.doc_tokens)))]
@@ -295,14 +305,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
                 ha="center",
                 fontsize=8,
             )
-    ax.set_xlabel("sequence length T (tokens)")
-    ax.set_ylabel("wall-clock seconds (median)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish_plot(fig, ax, "sequence length T (tokens)", "wall-clock seconds (median)", title, path)
 
 
 def forward_costs(
@@ -328,13 +331,10 @@ def forward_costs(
 
     device = next(fb.model.parameters()).device
     cuda = device.type == "cuda"
-    vocab = min(fb.model.get_input_embeddings().weight.shape[0], len(fb.tokenizer))
-    special = set(fb.tokenizer.all_special_ids or [])
-    allowed = torch.tensor([i for i in range(vocab) if i not in special])
-    gen = torch.Generator().manual_seed(seed)
+    random_ids = random_id_source(fb, seed)
 
     def rows(n: int) -> list[list[int]]:
-        return [allowed[torch.randint(0, len(allowed), (n,), generator=gen)].tolist() for _ in range(batch_size)]
+        return [random_ids(n) for _ in range(batch_size)]
 
     def timed(kv: KVContext, ctxs: list[list[int]]) -> float:
         if cuda:
@@ -410,8 +410,14 @@ def plot_forward_costs(results: list[dict[str, Any]], path: Path, title: str) ->
             fontsize=8,
         )
     ax.set_yscale("log")
-    ax.set_xlabel("context length T (tokens)")
-    ax.set_ylabel("ms per forward (median)")
+    _finish_plot(fig, ax, "context length T (tokens)", "ms per forward (median)", title, path)
+
+
+def _finish_plot(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
