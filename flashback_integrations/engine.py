@@ -58,8 +58,8 @@ class _RoomyLayer(DynamicLayer):
     """A ``DynamicLayer`` whose keys and values are views of a buffer with spare room.
 
     ``DynamicLayer`` concatenates on every update, which copies the layer's whole cache once per
-    decoded token (6-7% of a CPU decode step of the default model at 2K-4K tokens, and a full
-    read and write of the cache per step on a GPU). Writing into spare room avoids that copy, and
+    decoded token (a full read and write of the cache per step; on this CPU the measured gain was
+    0-7% of a decode step, see ``benchmarks/cache_ab.py``). Writing into spare room avoids that copy, and
     ``DynamicLayer.crop`` (a shorter view) still applies. The first update of an empty layer keeps
     its keys and values contiguous, as ``DynamicLayer`` does: attention over a strided view made a
     1,900-token recompute (prepend's every retrieval) about 16% slower on this CPU.
