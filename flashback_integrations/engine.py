@@ -59,10 +59,11 @@ class _RoomyLayer(DynamicLayer):
 
     ``DynamicLayer`` concatenates on every update, which copies the layer's whole cache once per
     decoded token (a full read and write of the cache per step; on this CPU the measured gain was
-    0-7% of a decode step, see ``benchmarks/cache_ab.py``). Writing into spare room avoids that copy, and
-    ``DynamicLayer.crop`` (a shorter view) still applies. The first update of an empty layer keeps
-    its keys and values contiguous, as ``DynamicLayer`` does: attention over a strided view made a
-    1,900-token recompute (prepend's every retrieval) about 16% slower on this CPU.
+    0-7% of a decode step at batch 1 and 3% at batch 8, see ``benchmarks/cache_ab.py``;
+    the copy outgrows the weights on a GPU at long contexts and large batches). Writing into spare
+    room avoids that copy, and ``DynamicLayer.crop`` (a shorter view) still applies. The first update
+    of an empty layer keeps its keys and values contiguous, as ``DynamicLayer`` does: attention over a
+    strided view made a 1,900-token recompute (prepend's every retrieval) about 16% slower on this CPU.
     """
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

@@ -405,12 +405,13 @@ def test_cli_data_build_train_and_eval(base_dir, tmp_path) -> None:
         app,
         ["train", str(tmp_path / "adapter"), "--model", str(base_dir), "--examples", str(tmp_path / "train.jsonl.gz"),
          "--val-examples", str(tmp_path / "val.jsonl.gz"), "--steps", "3", "--batch-size", "2",
-         "--micro-batch-size", "1", "--eval-every", "3", "--device", "cpu"],
+         "--micro-batch-size", "1", "--eval-every", "3", "--device", "cpu", "--bf16"],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "validation loss" in r.output and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     manifest = json.loads((tmp_path / "adapter" / "flashback_adapter.json").read_text())
     assert manifest["flashback_config"]["stride"] == 8 and manifest["flashback_config"]["max_doc_tokens"] == 24
+    assert manifest["extra"]["training"]["train_config"]["bf16"] is True  # CPU autocast on request
     r = runner.invoke(
         app,
         ["eval", "ppl", *common, *small, "--flashback-adapter", str(tmp_path / "adapter"), "--max-examples", "6",
