@@ -4,9 +4,8 @@ Runs every linear layer of the default model (fp32, CPU) alone, as a 144-id re-f
 passage ids) and as a 1-id decode step would, with no attention, norms or Python around them. Append
 costs (15 + refeed/decode) / 16 of plain decoding, so it is within 1.05x only if a re-feed costs at
 most 1.8 decode steps; these floors say how fast a decode step would then have to be. It then sums
-the committed ``bench forward`` costs over the retrieval cycles of METHOD.md's runs (prompt 512,
-a cycle every 16 tokens up to T - 128), to predict the full ``bench speed`` runs and to bound them
-with the re-feed at its floor.
+the committed ``bench forward`` costs over METHOD.md's runs (``predict_runs``) to predict the full
+``bench speed`` runs, and bounds them with the re-feed at its floor.
 Run: python benchmarks/cpu_floors.py
 """
 
@@ -15,10 +14,9 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from flashback_integrations.bench.speed import load_model
+from flashback_integrations.bench.speed import load_model, predict_runs
 
 fb = load_model("default", "float32", "cpu")
 head = fb.model.get_output_embeddings()
@@ -48,21 +46,10 @@ print(f"1-id linears alone (reading {4 * (params + head.weight.numel()) / 1e6:.0
 print(f"append <= 1.05x plain needs re-feed <= 1.8 decode steps, so a decode step >= {refeed_floor / 1.8:.0f} ms")
 
 runs = json.loads((Path(__file__).parent / "results/forward_cpu_smollm2.json").read_text())["runs"]
-measured = np.array([r["total_tokens"] for r in runs])
-
-
-def cost(key: str, lengths: np.ndarray) -> np.ndarray:
-    return np.interp(lengths, measured, [r[key] for r in runs])
-
-
-for total in (1024, 2048, 4096):
-    prompt = min(512, total // 4)
-    lengths = np.array([prompt + j + 130 for j in range(0, total - 128 - prompt, 16)])
-    decode, refeed, recompute = (cost(k, lengths) for k in ("decode_ms", "refeed_ms", "recompute_ms"))
-    plain, append, prepend = (16 * decode).sum(), (refeed + 15 * decode).sum(), (recompute + 15 * decode).sum()
-    at_floor = len(lengths) * refeed_floor + (15 * decode).sum()
+totals = [1024, 2048, 4096]
+for p, floor in zip(predict_runs(runs, totals), predict_runs(runs, totals, refeed_ms=refeed_floor), strict=True):
     print(
-        f"T={total}: predicted prepend/append {prepend / append:.2f}x, append/plain {append / plain:.2f}; "
-        f"with the re-feed at its floor: prepend/append <= {prepend / at_floor:.2f}x, "
-        f"append/plain >= {at_floor / plain:.2f}"
+        f"T={p['total_tokens']}: predicted prepend/append {p['prepend_over_append']}x, append/plain "
+        f"{p['append_over_none']}; with the re-feed at its floor: prepend/append <= {floor['prepend_over_append']}x, "
+        f"append/plain >= {floor['append_over_none']}"
     )

@@ -567,32 +567,46 @@ def bench_forward(
     repeats: Annotated[int, typer.Option(help="Timed forwards per point (median reported).")] = 5,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    prompt_tokens: Annotated[
+        int | None, typer.Option(help="Prompt length of the predicted runs, as in `bench speed`.")
+    ] = None,
+    gen_tokens: Annotated[
+        int | None, typer.Option(help="Generated tokens of the predicted runs, as in `bench speed`.")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("benchmarks/results"),
     stem: Annotated[str, typer.Option(help="Output file name stem.")] = "forward_cpu",
 ) -> None:
     """Cost of a decode step, an append re-feed and a prepend recompute at length T (JSON + PNG).
 
     The ratios explain `bench speed`: append costs (stride - 1 + refeed/decode) / stride of plain
-    decoding, so it approaches plain decoding only where a re-feed costs about one decode step.
+    decoding, so it approaches plain decoding only where a re-feed costs about one decode step. With
+    two or more lengths it also predicts each `bench speed` run by summing these costs over its steps.
     """
     import json
 
-    from .bench.speed import forward_costs, load_model, plot_forward_costs
+    from .bench.speed import forward_costs, load_model, plan_lengths, plot_forward_costs, predict_runs
 
     try:
         if batch_size < 1 or repeats < 1:
             raise ValueError(f"--batch-size and --repeats must be at least 1, got {batch_size} and {repeats}")
         points = [int(t) for t in lengths.split(",")]
+        for total in points:  # fail before loading a model, not after timing it
+            plan_lengths(total, doc_tokens, prompt_tokens, gen_tokens)
         fb = load_model(model, dtype, device)
         results = forward_costs(fb, points, stride, doc_tokens, batch_size, repeats)
     except ValueError as exc:
         raise _fail(exc) from exc
+    predicted = predict_runs(results, points, prompt_tokens, gen_tokens) if len(points) > 1 else []
     out.mkdir(parents=True, exist_ok=True)
     command = (
         f"flashback bench forward --model {model} --lengths {lengths} --stride {stride} --doc-tokens {doc_tokens} "
         f"--batch-size {batch_size} --repeats {repeats} --dtype {dtype} --device {device}"
+        + (f" --prompt-tokens {prompt_tokens}" if prompt_tokens is not None else "")
+        + (f" --gen-tokens {gen_tokens}" if gen_tokens is not None else "")
     )
-    (out / f"{stem}.json").write_text(json.dumps({"runs": results, "command": command}, indent=2))
+    (out / f"{stem}.json").write_text(
+        json.dumps({"runs": results, "predicted_runs": predicted, "command": command}, indent=2)
+    )
     title = f"{model} {dtype} on {device}, batch {batch_size}: one forward at length T"
     plot_forward_costs(results, out / f"{stem}.png", title)
     table = Table(title=f"{model}, {dtype}, {device}, batch {batch_size}")
@@ -617,6 +631,12 @@ def bench_forward(
             f"{r['predicted_prepend_over_append']:.2f}",
         )
     console.print(table)
+    for p in predicted:
+        secs = ", ".join(f"{mode} {s:.1f} s" for mode, s in p["predicted_s"].items())
+        console.print(
+            f"predicted `bench speed` T={p['total_tokens']} (prompt {p['prompt_tokens']}, {p['gen_tokens']} "
+            f"generated): {secs}; prepend/append {p['prepend_over_append']}x, append/none {p['append_over_none']}"
+        )
     console.print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
 
 

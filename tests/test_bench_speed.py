@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from tiny import save_tiny_chat_model
 from typer.testing import CliRunner
 
-from flashback_integrations.bench.speed import plan_lengths
+from flashback_integrations.bench.speed import _cost_at, plan_lengths, predict_runs
 from flashback_integrations.cli import app
 
 
@@ -99,5 +100,26 @@ def test_forward_costs_time_the_three_forwards_of_a_cycle(tmp_path, monkeypatch)
     assert set(fed[1:10]) == {(2, 39, 1), (2, 28, 12), (2, 0, 40)} and fed[10] == (2, 0, 63)
     assert set(fed[11:]) == {(2, 63, 1), (2, 52, 12), (2, 0, 64)} and len(fed) == 17
     assert (tmp_path / "out" / "f.png").stat().st_size > 1000
+    predicted = json.loads((tmp_path / "out" / "f.json").read_text())["predicted_runs"]
+    assert [(p["total_tokens"], p["prompt_tokens"], p["gen_tokens"]) for p in predicted] == [(40, 10, 22), (64, 16, 40)]
+    assert all(p["predicted_s"]["none"] > 0 and p["prepend_over_append"] > 0 for p in predicted)
     bad = CliRunner().invoke(app, [*args[:4], "--lengths", "12", "--stride", "4", "--doc-tokens", "8"])
     assert bad.exit_code == 2 and "must exceed stride + doc tokens" in bad.output
+
+
+def test_predicted_runs_sum_the_forward_costs_over_a_run() -> None:
+    """Prefill, then per generated token a decode step, or at every stride-th one the retrieval forward."""
+    flat = [
+        {"total_tokens": t, "stride": 4, "doc_tokens": 8, "decode_ms": 10.0, "refeed_ms": 40.0, "recompute_ms": 100.0}
+        for t in (32, 64)
+    ]
+    (p,) = predict_runs(flat, [64])  # prompt 16, 40 generated: 9 retrievals after the first, 30 decode steps
+    assert (p["prompt_tokens"], p["gen_tokens"]) == (16, 40)
+    assert p["predicted_s"] == {"prepend": 1.3, "append": 0.76, "none": 0.49}
+    assert p["prepend_over_append"] == round(1300 / 760, 2) and p["append_over_none"] == round(760 / 490, 3)
+    (q,) = predict_runs(flat, [64], refeed_ms=10.0)  # a re-feed as cheap as a decode step: append = none + prefill gap
+    assert q["predicted_s"]["append"] == 0.49 and q["predicted_s"]["prepend"] == 1.3
+    # costs are piecewise linear in T, extended past both measured ends
+    linear = [{**r, "decode_ms": r["total_tokens"] / 10} for r in flat]
+    assert [_cost_at(linear, "decode_ms", t) for t in (16, 48, 96)] == pytest.approx([1.6, 4.8, 9.6])
+    assert _cost_at(linear[:1], "decode_ms", 500) == 3.2  # one measured length: constant

@@ -12,11 +12,12 @@ export PYTHONPATH=/tmp/site:$PWD FLASHBACK_HOME=/tmp/fbhome PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())"
 # Seconds first: one decode step, one append re-feed and one prepend recompute per length (the costs that
-# explain the full runs below), written even if the full runs time out.
+# explain the full runs below), written even if the full runs time out; their JSON also predicts each
+# full run (same 256 generated tokens), so a timed-out speed case still has an estimate to check later.
 for B in 1 16; do
   timeout "${FORWARD_TIMEOUT:-60}" python3 -m flashback_integrations.cli bench forward --model config:llama-1b \
       --dtype bfloat16 --device cuda --lengths "${FORWARD_LENGTHS:-2048,4096,8192,16384}" --stride 16 --doc-tokens 128 \
-      --repeats 5 --batch-size $B --out "${OUT:-benchmarks/results}" --stem forward_gpu_llama1b_bf16_b$B
+      --repeats 5 --batch-size $B --gen-tokens 256 --out "${OUT:-benchmarks/results}" --stem forward_gpu_llama1b_bf16_b$B
   echo "forward batch $B rc=$?"
 done
 # Each case prints a line as it finishes and the partial JSON survives a timeout.

@@ -385,6 +385,60 @@ def forward_costs(
     return results
 
 
+def _cost_at(results: list[dict[str, Any]], key: str, length: float) -> float:
+    """Piecewise-linear in T through the measured points, extended linearly past both ends."""
+    points = sorted((r["total_tokens"], r[key]) for r in results)
+    if len(points) == 1:
+        return points[0][1]
+    i = next((k for k in range(1, len(points) - 1) if length <= points[k][0]), len(points) - 1)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return max(y0 + (y1 - y0) * (length - x0) / (x1 - x0), 0.0)
+
+
+def predict_runs(
+    results: list[dict[str, Any]],
+    totals: list[int],
+    prompt_tokens: int | None = None,
+    gen_tokens: int | None = None,
+    refeed_ms: float | None = None,
+) -> list[dict[str, Any]]:
+    """Seconds ``bench speed`` should take per mode, summed from ``forward_costs`` over a run's steps.
+
+    A run prefills the prompt (plus the passage when retrieving), then at every ``stride``-th
+    generated token append re-feeds ``stride + doc`` ids and prepend recomputes the whole context,
+    and every other token is one decode step; each forward is costed at its context length. Checks
+    the cost model against measured runs, and ``refeed_ms`` asks what a re-feed of that cost would give.
+    """
+    stride, doc = results[0]["stride"], results[0]["doc_tokens"]
+    predicted = []
+    for total in totals:
+        prompt, gen = plan_lengths(total, doc, prompt_tokens, gen_tokens)
+        none = _cost_at(results, "recompute_ms", prompt)
+        append = prepend = _cost_at(results, "recompute_ms", prompt + doc)
+        for i in range(1, gen):
+            none += _cost_at(results, "decode_ms", prompt + i)
+            length = prompt + doc + i
+            if i % stride:
+                step = _cost_at(results, "decode_ms", length)
+                append, prepend = append + step, prepend + step
+            else:
+                append += refeed_ms if refeed_ms is not None else _cost_at(results, "refeed_ms", length)
+                prepend += _cost_at(results, "recompute_ms", length)
+        predicted.append(
+            {
+                "total_tokens": total,
+                "prompt_tokens": prompt,
+                "gen_tokens": gen,
+                "predicted_s": {
+                    m: round(v / 1000, 2) for m, v in (("prepend", prepend), ("append", append), ("none", none))
+                },
+                "prepend_over_append": round(prepend / append, 2),
+                "append_over_none": round(append / none, 3),
+            }
+        )
+    return predicted
+
+
 def plot_forward_costs(results: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
