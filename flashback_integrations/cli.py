@@ -460,6 +460,14 @@ def bench_speed(
     batch_size: Annotated[int, typer.Option(help="Sequences generated together (lockstep batch).")] = 1,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    isolate: Annotated[
+        bool | None,
+        typer.Option(
+            "--isolate/--no-isolate",
+            help="A fresh process per case (default: yes on a CPU, where peak RSS must be per case; "
+            "no on a GPU, where peak memory is per case anyway and the model loads once).",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("benchmarks/results"),
     stem: Annotated[str, typer.Option(help="Output file name stem.")] = "speed_cpu",
 ) -> None:
@@ -468,7 +476,7 @@ def bench_speed(
 
     from rich.progress import Progress
 
-    from .bench.speed import SpeedCase, plan_lengths, plot, run_in_subprocess, summarise
+    from .bench.speed import InProcessRunner, SpeedCase, plan_lengths, plot, run_in_subprocess, summarise
 
     cases = []
     try:
@@ -495,6 +503,8 @@ def bench_speed(
     except ValueError as exc:
         raise _fail(exc) from exc
     results = []
+    isolate = not device.startswith("cuda") if isolate is None else isolate
+    run = run_in_subprocess if isolate else InProcessRunner()
     out.mkdir(parents=True, exist_ok=True)
     partial = out / f"{stem}.partial.json"
     with Progress(console=console) as progress:
@@ -502,7 +512,7 @@ def bench_speed(
         for case in cases:
             progress.update(task, description=f"{case.mode} T={case.total_tokens}")
             started = time.perf_counter()
-            results.append(run_in_subprocess(case))
+            results.append(run(case))
             r = results[-1]
             # one line per case as it finishes (and a partial JSON), so a run cut short still reports
             progress.console.print(
@@ -513,22 +523,26 @@ def bench_speed(
             progress.advance(task)
     partial.unlink(missing_ok=True)
     summary = summarise(results)
-    summary["command"] = "flashback bench speed " + " ".join(
-        f"--{k.replace('_', '-')} {v}"
-        for k, v in {
-            "model": model,
-            "lengths": lengths,
-            "modes": modes,
-            "stride": stride,
-            "doc_tokens": doc_tokens,
-            "prompt_tokens": prompt_tokens,
-            "gen_tokens": gen_tokens,
-            "repeats": repeats,
-            "batch_size": batch_size,
-            "dtype": dtype,
-            "device": device,
-        }.items()
-        if v is not None
+    summary["command"] = (
+        "flashback bench speed "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}"
+            for k, v in {
+                "model": model,
+                "lengths": lengths,
+                "modes": modes,
+                "stride": stride,
+                "doc_tokens": doc_tokens,
+                "prompt_tokens": prompt_tokens,
+                "gen_tokens": gen_tokens,
+                "repeats": repeats,
+                "batch_size": batch_size,
+                "dtype": dtype,
+                "device": device,
+            }.items()
+            if v is not None
+        )
+        + ("" if isolate else " --no-isolate")
     )
     (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
     plot(summary, out / f"{stem}.png", f"{model} {dtype} on {device}: stride {stride}, doc {doc_tokens}")

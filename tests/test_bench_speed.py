@@ -123,3 +123,20 @@ def test_predicted_runs_sum_the_forward_costs_over_a_run() -> None:
     linear = [{**r, "decode_ms": r["total_tokens"] / 10} for r in flat]
     assert [_cost_at(linear, "decode_ms", t) for t in (16, 48, 96)] == pytest.approx([1.6, 4.8, 9.6])
     assert _cost_at(linear[:1], "decode_ms", 500) == 3.2  # one measured length: constant
+
+
+def test_speed_benchmark_in_one_process_loads_the_model_once(tmp_path) -> None:
+    """--no-isolate (the GPU default) gives the same work per case as a process per case."""
+    model = save_tiny_chat_model(tmp_path / "tiny", marks=False)
+    args = ["bench", "speed", "--model", model, "--lengths", "48,64", "--modes", "append,prepend", "--stride", "4",
+            "--doc-tokens", "8", "--repeats", "1", "--out", str(tmp_path / "out")]  # fmt: skip
+    runs = {}
+    for flag in ("--isolate", "--no-isolate"):
+        result = CliRunner().invoke(app, [*args, flag, "--stem", flag])
+        assert result.exit_code == 0, result.output
+        runs[flag] = json.loads((tmp_path / "out" / f"{flag}.json").read_text())
+    shared = runs["--no-isolate"]["runs"]
+    assert [r["model_reused"] for r in shared] == [False, True, True, True]
+    assert not any(r["model_reused"] for r in runs["--isolate"]["runs"])
+    assert runs["--no-isolate"]["command"].endswith("--no-isolate")
+    assert [r["forward_tokens"] for r in shared] == [r["forward_tokens"] for r in runs["--isolate"]["runs"]]

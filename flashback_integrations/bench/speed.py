@@ -1,13 +1,15 @@
 """Runtime of prepend (recompute), append (FlashBack) and plain cached decoding: METHOD.md's protocol.
 
 Random-token prompt, greedy decoding with a fresh random ``doc_tokens`` passage every ``stride``
-tokens, the same engine, dtype and kernels for every mode, last-position logits only. Each
-(mode, length) runs in its own process so peak memory is per mode; inside it, a warm-up generation
-precedes ``repeats`` timed ones and the median wall-clock time is reported.
+tokens, the same engine, dtype and kernels for every mode, last-position logits only. On a CPU each
+(mode, length) runs in its own process so peak RSS is per mode; on a GPU all run in one process
+(peak memory is per case there anyway). A warm-up generation precedes ``repeats`` timed ones and the
+median wall-clock time is reported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -158,15 +160,16 @@ def random_id_source(fb: Any, seed: int) -> Callable[[int], list[int]]:
     return random_ids
 
 
-def run_case(case: SpeedCase) -> dict[str, Any]:
-    """Runs inside the worker process: warm-up, then timed generations."""
+def run_case(case: SpeedCase, fb: Any = None) -> dict[str, Any]:
+    """Warm-up, then timed generations; loads the model unless a loaded one is passed in."""
     import torch
 
     from ..config import FlashBackConfig
     from ..retrieval import Passage
 
     load_started = time.perf_counter()
-    fb = load_model(case.model, case.dtype, case.device)
+    reused = fb is not None
+    fb = fb if reused else load_model(case.model, case.dtype, case.device)
     load_s = time.perf_counter() - load_started
     random_ids = random_id_source(fb, case.seed)
 
@@ -201,14 +204,15 @@ def run_case(case: SpeedCase) -> dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     rss_before = _rss_mb()
-    sampler = _RssSampler()
+    # no sampler thread on a GPU: GPU decoding is bound by Python's kernel launches, which it would slow
+    sampler = _RssSampler() if not cuda else contextlib.nullcontext(None)
     times: list[float] = []
     forwarded = 0
     with sampler:
         for _ in range(case.repeats):
             seconds, forwarded = once(case.gen_tokens)
             times.append(seconds)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else sampler.peak_mb
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else sampler.peak_mb  # type: ignore[union-attr]
     return {
         **asdict(case),
         "seconds": times,
@@ -217,10 +221,13 @@ def run_case(case: SpeedCase) -> dict[str, Any]:
         "tokens_per_s": case.batch_size * case.gen_tokens / statistics.median(times),
         "forward_tokens": forwarded,
         "peak_memory_mb": round(peak, 1),
-        "memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS while generating",
+        "memory_kind": "cuda max_memory_allocated"
+        if cuda
+        else "process peak RSS while generating" + (", in a process shared with earlier cases" if reused else ""),
         "rss_after_load_mb": round(rss_before, 1),
         "torch_threads": torch.get_num_threads(),
         "load_s": round(load_s, 2),
+        "model_reused": reused,
     }
 
 
@@ -261,6 +268,28 @@ def run_in_subprocess(case: SpeedCase) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"speed worker failed for {case.mode} T={case.total_tokens}:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class InProcessRunner:
+    """Runs cases in this process, loading each model once: on a GPU peak memory is measured per case
+    (``max_memory_allocated`` after a reset), so a process per case would only add start-up time."""
+
+    def __init__(self) -> None:
+        self._key: tuple[str, str, str] | None = None
+        self._fb: Any = None
+
+    def __call__(self, case: SpeedCase) -> dict[str, Any]:
+        key = (case.model, case.dtype, case.device)
+        if key != self._key:
+            self._key, self._fb = None, None  # free the previous model before loading the next
+            started = time.perf_counter()
+            self._fb, self._key = load_model(*key), key
+            return {
+                **run_case(case, self._fb),
+                "load_s": round(time.perf_counter() - started, 2),
+                "model_reused": False,
+            }
+        return run_case(case, self._fb)
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
