@@ -681,7 +681,10 @@ MaxDocTokens = Annotated[int, typer.Option(help="Tokens kept of each passage.")]
 # Help texts are rich markup: a literal "[" must be escaped or the bracketed text vanishes.
 MinWindow = Annotated[int, typer.Option(help=r"|src| + |doc| is drawn from \[min-window, budget - s - 2].")]
 ChunkTokens = Annotated[int, typer.Option(help="BM25 chunk size in reader tokens.")]
-MaxExamples = Annotated[int | None, typer.Option(help="Sample at most N targets (when building from --docs).")]
+MaxExamples = Annotated[
+    int | None,
+    typer.Option(help="Sample at most N targets (when building from --docs), or a seeded subset of --examples."),
+]
 Seed = Annotated[int, typer.Option(help="Seed for sampling targets and windows.")]
 
 
@@ -896,10 +899,12 @@ def train(
         )
         data_info: dict = {}
         if examples is not None:
-            train_ex, header = load_examples(examples)
+            train_ex, header = load_examples(examples, max_examples, seed)
             settings = ExampleSettings(**header["info"]["settings"]) if "info" in header else ExampleSettings()
             val_ex = load_examples(val_examples)[0] if val_examples else []
             data_info = {"examples_file": str(examples), **header.get("info", {})}
+            if "subset" in header:
+                data_info["subset"] = header["subset"]
         else:
             settings = _example_settings(
                 context_budget, target_tokens, first_target, query_tokens, top_k, max_doc_tokens, min_window
@@ -954,7 +959,12 @@ def eval_ppl(
     retrieval_include: RetrievalInclude = None,
     retrieval_exclude: RetrievalExclude = None,
     collection: CollectionOpt = None,
-    max_examples: MaxExamples = 2000,
+    max_examples: Annotated[
+        int | None,
+        typer.Option(
+            help="Targets to build from --docs (default 2000), or a seeded subset of --examples (default all)."
+        ),
+    ] = None,
     model: Annotated[str, typer.Option(help="Base model: 'default', a hub id or a path.")] = "default",
     flashback_adapter: Annotated[
         str | None, typer.Option(help="append + LoRA + MT adapter (default: the shipped one for 'default').")
@@ -984,8 +994,10 @@ def eval_ppl(
 
     try:
         if examples is not None:
-            ex, header = load_examples(examples)
+            ex, header = load_examples(examples, max_examples, seed)
             info = {"examples_file": str(examples), **header.get("info", {})}
+            if "subset" in header:
+                info["subset"] = header["subset"]
         else:
             settings = _example_settings(
                 context_budget, target_tokens, first_target, query_tokens, top_k, max_doc_tokens, min_window
@@ -1003,7 +1015,7 @@ def eval_ppl(
                 chroma_host,
                 chroma_port,
                 settings,
-                max_examples,
+                2000 if max_examples is None else max_examples,
                 0.0,
                 None,
                 chunk_tokens,

@@ -299,7 +299,13 @@ def save_examples(path: str | Path, examples: Sequence[Example], meta: dict[str,
     tmp.replace(path)
 
 
-def load_examples(path: str | Path) -> tuple[list[Example], dict[str, Any]]:
+def load_examples(
+    path: str | Path, max_examples: int | None = None, seed: int = 0
+) -> tuple[list[Example], dict[str, Any]]:
+    """Examples and header of a file; ``max_examples`` keeps a seeded random subset, in file order
+    (files are grouped by document, so the first N would cover only a few documents)."""
+    if max_examples is not None and max_examples < 1:
+        raise ConfigError(f"max_examples must be at least 1, got {max_examples}.")
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Example file {path} does not exist; build it with `flashback data build`.")
@@ -311,6 +317,10 @@ def load_examples(path: str | Path) -> tuple[list[Example], dict[str, Any]]:
         if header.get("format") != "flashback-examples":
             raise ConfigError(f"{path} is not a FlashBack example file (no flashback-examples header).")
         examples = [Example(**json.loads(line)) for line in fh if line.strip()]
+    if max_examples is not None and max_examples < len(examples):
+        keep = sorted(random.Random(seed).sample(range(len(examples)), max_examples))
+        header = {**header, "subset": {"examples": max_examples, "of": len(examples), "seed": seed}}
+        examples = [examples[i] for i in keep]
     return examples, header
 
 

@@ -53,6 +53,29 @@ def paper_rows(
     return kept, skipped
 
 
+def check_row_adapters(rows: Sequence[PplRow]) -> None:
+    """Refuse an adapter trained for another layout or mark setting before anything is scored: it would
+    load and score without complaint, and the table would then compare the wrong things."""
+    from .adapter import AdapterManifest
+
+    for row in rows:
+        manifest = AdapterManifest.load(row.adapter) if row.adapter and Path(row.adapter).is_dir() else None
+        if manifest is None:
+            continue
+        mode, marks = manifest.flashback_config.get("mode"), manifest.flashback_config.get("marks")
+        if mode is not None and mode != row.layout:
+            raise ConfigError(
+                f"row {row.name!r} scores the {row.layout} layout but adapter {row.adapter} was trained for "
+                f"{mode}; pass one from `flashback train --layout {row.layout}` (see its flashback_adapter.json)."
+            )
+        if marks is not None and bool(marks) != row.marks:
+            raise ConfigError(
+                f"row {row.name!r} is a {'marks' if row.marks else 'no-marks'} row but adapter {row.adapter} was "
+                f"trained {'with' if marks else 'without'} marks; train it with "
+                f"`flashback train {'--marks' if row.marks else '--no-marks'}`."
+            )
+
+
 def examples_digest(examples: Sequence[Example]) -> str:
     digest = hashlib.sha256()
     for e in examples:
@@ -134,6 +157,7 @@ def run_eval(
     """Score all rows (resuming finished ones from ``{stem}.partial.json``) and write JSON, MD, PNG."""
     if not examples:
         raise ConfigError("No examples to score.")
+    check_row_adapters(rows)
     n_tgt = len(examples[0].tgt)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -151,6 +151,15 @@ def test_validation_split_keeps_documents_apart(docs, tok, tmp_path) -> None:
     save_examples(tmp_path / "ex.jsonl.gz", tr, {"info": info})
     loaded, header = load_examples(tmp_path / "ex.jsonl.gz")
     assert loaded == tr and header["summary"]["examples"] == len(tr) and header["info"]["seed"] == 3
+    # a subset is seeded, keeps file order, spans documents and is recorded in the header
+    sub, sub_header = load_examples(tmp_path / "ex.jsonl.gz", max_examples=5, seed=1)
+    assert sub == load_examples(tmp_path / "ex.jsonl.gz", max_examples=5, seed=1)[0]
+    assert sub != load_examples(tmp_path / "ex.jsonl.gz", max_examples=5, seed=2)[0]
+    assert [tr.index(e) for e in sub] == sorted(tr.index(e) for e in sub) and len({e.source for e in sub}) > 1
+    assert sub_header["subset"] == {"examples": 5, "of": len(tr), "seed": 1}
+    assert load_examples(tmp_path / "ex.jsonl.gz", max_examples=10**6)[0] == tr
+    with pytest.raises(ConfigError, match="at least 1"):
+        load_examples(tmp_path / "ex.jsonl.gz", max_examples=0)
 
 
 def test_bad_settings_and_files_are_explained(tmp_path, docs, tok) -> None:
@@ -421,6 +430,24 @@ def test_cli_data_build_train_and_eval(base_dir, tmp_path) -> None:
     result = json.loads((tmp_path / "eval" / "ppl.json").read_text())
     assert result["scored_tokens"] == 48 and len(result["rows"]) == 4
     assert result["skipped_rows"] == ["prepend + LoRA + MT", "append + LoRA"]
+    # --max-examples on an example file scores a seeded subset, and says so
+    r = runner.invoke(
+        app,
+        ["eval", "ppl", "--model", str(base_dir), "--examples", str(tmp_path / "val.jsonl.gz"), "--max-examples", "2",
+         "--row", "no retrieval", "--out", str(tmp_path / "eval"), "--stem", "sub", "--device", "cpu"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    sub = json.loads((tmp_path / "eval" / "sub.json").read_text())
+    assert sub["scored_tokens"] == 16 and sub["data"]["subset"]["examples"] == 2
+    # an adapter trained for the other layout is refused before anything is scored
+    r = runner.invoke(
+        app,
+        ["eval", "ppl", "--model", str(base_dir), "--examples", str(tmp_path / "val.jsonl.gz"),
+         "--prepend-adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "eval"), "--stem", "wrong",
+         "--device", "cpu"],
+    )  # fmt: skip
+    assert r.exit_code == 2 and "trained for append" in r.output and "--layout prepend" in r.output
+    assert not list((tmp_path / "eval").glob("wrong*"))
     r = runner.invoke(app, ["train", str(tmp_path / "x"), "--model", str(base_dir), "--examples", "/nope.jsonl.gz"])
     assert r.exit_code == 2 and "does not exist" in r.output
     r = runner.invoke(app, ["eval", "ppl", "--examples", str(tmp_path / "val.jsonl.gz"), "--row", "sideways"])
