@@ -94,6 +94,17 @@ def save_adapter(
     manifest.save(directory)
 
 
+def check_adapter_dir(directory: str | Path) -> Path:
+    """The adapter folder, or a ConfigError saying what to pass instead."""
+    directory = Path(directory)
+    if not (directory / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"{directory} is not an adapter directory (no adapter_config.json). Pass the folder that "
+            "`flashback train` or PeftModel.save_pretrained wrote."
+        )
+    return directory
+
+
 def load_adapter(
     model: Any, tokenizer: Any, directory: str | Path, merge: bool = True, check_base: bool = True
 ) -> tuple[Any, Any, AdapterManifest | None]:
@@ -105,12 +116,7 @@ def load_adapter(
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    directory = Path(directory)
-    if not (directory / "adapter_config.json").is_file():
-        raise ConfigError(
-            f"{directory} is not an adapter directory (no adapter_config.json). Pass the folder that "
-            "`flashback train` or PeftModel.save_pretrained wrote."
-        )
+    directory = check_adapter_dir(directory)
     manifest = AdapterManifest.load(directory)
     if manifest is not None and check_base:
         found = base_fingerprint(model)

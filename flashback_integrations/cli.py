@@ -476,13 +476,23 @@ def bench_speed(
 
     from rich.progress import Progress
 
-    from .bench.speed import InProcessRunner, SpeedCase, plan_lengths, plot, run_in_subprocess, summarise
+    from .bench.speed import (
+        InProcessRunner,
+        SpeedCase,
+        check_options,
+        parse_lengths,
+        plan_lengths,
+        plot,
+        run_in_subprocess,
+        summarise,
+    )
 
     cases = []
     try:
-        if batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-        for total in (int(t) for t in lengths.split(",")):
+        if batch_size < 1 or repeats < 1:
+            raise ValueError(f"--batch-size and --repeats must be at least 1, got {batch_size} and {repeats}")
+        check_options(model, dtype, device, [m.strip() for m in modes.split(",")])
+        for total in parse_lengths(lengths):
             prompt, gen = plan_lengths(total, doc_tokens, prompt_tokens, gen_tokens)
             for mode in modes.split(","):
                 cases.append(
@@ -598,12 +608,21 @@ def bench_forward(
     """
     import json
 
-    from .bench.speed import forward_costs, load_model, plan_lengths, plot_forward_costs, predict_runs
+    from .bench.speed import (
+        check_options,
+        forward_costs,
+        load_model,
+        parse_lengths,
+        plan_lengths,
+        plot_forward_costs,
+        predict_runs,
+    )
 
     try:
         if batch_size < 1 or repeats < 1:
             raise ValueError(f"--batch-size and --repeats must be at least 1, got {batch_size} and {repeats}")
-        points = [int(t) for t in lengths.split(",")]
+        check_options(model, dtype, device)
+        points = parse_lengths(lengths)
         for total in points:  # fail before loading a model, not after timing it
             plan_lengths(total, doc_tokens, prompt_tokens, gen_tokens)
         fb = load_model(model, dtype, device)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .data import Example
+from .devices import resolve_device
 from .errors import ConfigError
 from .training import mark_id_list, pad_id_of, target_nll
 
@@ -54,12 +55,12 @@ def paper_rows(
 
 
 def check_row_adapters(rows: Sequence[PplRow]) -> None:
-    """Refuse an adapter trained for another layout or mark setting before anything is scored: it would
-    load and score without complaint, and the table would then compare the wrong things."""
-    from .adapter import AdapterManifest
+    """Refuse a missing adapter, or one trained for another layout or mark setting, before anything is
+    scored: the first would fail rows later, the others would score and compare the wrong things."""
+    from .adapter import AdapterManifest, check_adapter_dir
 
     for row in rows:
-        manifest = AdapterManifest.load(row.adapter) if row.adapter and Path(row.adapter).is_dir() else None
+        manifest = AdapterManifest.load(check_adapter_dir(row.adapter)) if row.adapter else None
         if manifest is None:
             continue
         mode, marks = manifest.flashback_config.get("mode"), manifest.flashback_config.get("marks")
@@ -94,7 +95,7 @@ def score_row(
     """Per-example NLL sums (nats) of the targets under one row."""
     from .model import FlashBackModel
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(device))
     fb = FlashBackModel.from_pretrained(model_name, adapter=row.adapter or "none", device=device)
     marks = fb.mark_ids if row.marks else None
     if row.marks and marks is None:
@@ -157,6 +158,7 @@ def run_eval(
     """Score all rows (resuming finished ones from ``{stem}.partial.json``) and write JSON, MD, PNG."""
     if not examples:
         raise ConfigError("No examples to score.")
+    resolve_device(device)
     check_row_adapters(rows)
     n_tgt = len(examples[0].tgt)
     out = Path(out_dir)

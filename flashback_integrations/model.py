@@ -12,6 +12,7 @@ import torch
 from . import engine
 from .adapter import AdapterManifest, load_adapter
 from .config import FlashBackConfig
+from .devices import resolve_device, resolve_dtype
 from .errors import ConfigError, ContextWindowError, MarksUnavailableError
 from .events import Event, FlashBackCallback, GenerationResult, final_result
 from .layout import MARK_L, MARK_R, MarkIds, block_budget, find_mark_ids
@@ -84,11 +85,11 @@ class FlashBackModel:
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        dtype = resolve_dtype(dtype)
+        device = resolve_device(device) if device is not None else None
         adapter = _choose_adapter(name_or_path, adapter, config)
 
         source = resolve_model(name_or_path)
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **model_kwargs)
         if device is not None:
@@ -112,8 +113,7 @@ class FlashBackModel:
     ) -> FlashBackModel:
         """One instance per (model, adapter, dtype, device) in this process: framework objects built
         many times over the same model (LangChain, LlamaIndex) load the weights once."""
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype.removeprefix("torch."))
+        dtype = resolve_dtype(dtype)
         chosen = _choose_adapter(name_or_path, adapter, None)
         key = (name_or_path, str(chosen) if chosen else None, str(dtype), str(device))
         with _SHARED_LOCK:

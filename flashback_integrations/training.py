@@ -27,6 +27,7 @@ import torch
 from .adapter import AdapterManifest, add_mark_tokens, base_fingerprint, save_adapter
 from .config import FlashBackConfig, require_positive_ints
 from .data import Example, ExampleSettings, example_ids, summarize
+from .devices import resolve_device
 from .errors import ConfigError
 from .layout import MarkIds, find_mark_ids
 
@@ -89,6 +90,8 @@ class TrainConfig:
             raise ConfigError("learning rates must be > 0.")
         if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup_ratio < 1:
             raise ConfigError("lora_dropout and warmup_ratio must be in [0, 1).")
+        if self.device is not None:
+            resolve_device(self.device)  # a typo or a missing GPU fails here, before the model loads
         if self.save_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"save_dtype must be float32, bfloat16 or float16, got {self.save_dtype!r}.")
 
@@ -275,7 +278,7 @@ def train(
         raise ConfigError(
             f"{out} already holds checkpoints of a run; pass --resume to continue it or choose another output folder."
         )
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(cfg.device)
     autocast = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
     torch.manual_seed(cfg.seed)
     fingerprint = base_fingerprint(model)

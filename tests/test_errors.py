@@ -153,3 +153,35 @@ def test_empty_prompt() -> None:
     model, tok = make_model("llama", marks=True)
     out = FlashBackModel(model, tok).generate("", HashRetriever(), config=CFG, max_new_tokens=6, ignore_eos=True)
     assert out.prompt_tokens == 1 and len(out.token_ids) == 6
+
+
+def test_dtype_and_device_names_are_checked_before_loading(tmp_path) -> None:
+    import torch
+    from typer.testing import CliRunner
+
+    from flashback_integrations.cli import app
+    from flashback_integrations.devices import resolve_device, resolve_dtype
+
+    assert resolve_dtype("torch.bfloat16") is torch.bfloat16 and resolve_dtype(torch.float16) is torch.float16
+    with pytest.raises(ConfigError, match="not one of float32, bfloat16, float16"):
+        resolve_dtype("float99")
+    with pytest.raises(ConfigError, match="not a torch device"):
+        resolve_device("gpu0")
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="sees no CUDA GPU; use --device cpu"):
+            resolve_device("cuda")
+    missing = tmp_path / "no-model-here"  # would fail to resolve if loading had started
+    with pytest.raises(ConfigError, match="dtype 'float99'"):
+        FlashBackModel.from_pretrained(str(missing), dtype="float99")
+    runner = CliRunner()
+    for args, message in (
+        (["bench", "speed", "--modes", "append,sideways"], "unknown mode(s) ['sideways']"),
+        (["bench", "speed", "--model", "config:llama-3b"], "unknown config 'config:llama-3b'"),
+        (["bench", "forward", "--lengths", "512,abc"], "comma-separated whole numbers"),
+        (["bench", "forward", "--dtype", "fp8"], "dtype 'fp8' is not one of"),
+        (["bench", "speed", "--repeats", "0"], "--repeats must be at least 1"),
+    ):
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "out").exists()

@@ -446,7 +446,14 @@ def test_cli_data_build_train_and_eval(base_dir, tmp_path) -> None:
          "--prepend-adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "eval"), "--stem", "wrong",
          "--device", "cpu"],
     )  # fmt: skip
-    assert r.exit_code == 2 and "trained for append" in r.output and "--layout prepend" in r.output
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and "trained for append" in said and "--layout prepend" in said
+    r = runner.invoke(
+        app,
+        ["eval", "ppl", "--model", str(base_dir), "--examples", str(tmp_path / "val.jsonl.gz"),
+         "--flashback-adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "eval"), "--stem", "wrong"],
+    )  # fmt: skip
+    assert r.exit_code == 2 and "not an adapter directory" in " ".join(r.output.split())
     assert not list((tmp_path / "eval").glob("wrong*"))
     r = runner.invoke(app, ["train", str(tmp_path / "x"), "--model", str(base_dir), "--examples", "/nope.jsonl.gz"])
     assert r.exit_code == 2 and "does not exist" in r.output

@@ -127,19 +127,44 @@ def fill_random(model, std: float = 0.02, pool: int = 1 << 20) -> None:
                 flat[start : start + n].copy_(src[:n])
 
 
+def check_options(model: str, dtype: str, device: str, modes: list[str] | None = None) -> None:
+    """Fail on a bad name before any process starts or any weights load."""
+    from ..devices import resolve_device, resolve_dtype
+
+    resolve_dtype(dtype)
+    resolve_device(device)
+    if model.startswith("config:") and model.removeprefix("config:") not in NAMED_CONFIGS:
+        raise ValueError(f"unknown config {model!r}; named configs are {', '.join(NAMED_CONFIGS)} (as config:NAME).")
+    unknown = [m for m in modes or [] if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown mode(s) {unknown}; modes are {', '.join(MODES)}.")
+
+
+def parse_lengths(lengths: str) -> list[int]:
+    try:
+        points = [int(t) for t in lengths.split(",")]
+    except ValueError:
+        raise ValueError(f"--lengths takes comma-separated whole numbers (e.g. 512,1024), got {lengths!r}") from None
+    if any(t < 1 for t in points):
+        raise ValueError(f"--lengths must be positive, got {lengths!r}")
+    return points
+
+
 def load_model(name: str, dtype: str, device: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..devices import resolve_dtype
     from ..model import FlashBackModel
 
+    check_options(name, dtype, device)
     if name.startswith("config:"):
         from transformers.initialization import no_init_weights
 
         spec = dict(NAMED_CONFIGS[name.removeprefix("config:")])
         config = AutoConfig.for_model(spec.pop("model_type"), **spec)
         with torch.device(device), no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+            model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
         fill_random(model)
         return FlashBackModel(model.eval(), synthetic_tokenizer(config.vocab_size), name=name)
     return FlashBackModel.from_pretrained(name, dtype=dtype, device=device)
