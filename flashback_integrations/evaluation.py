@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,14 @@ def score_row(
     device: str | None = None,
     batch_size: int = 32,
     progress: Any = None,
+    scored: Sequence[float] = (),
+    on_batch: Callable[[list[float]], None] | None = None,
 ) -> list[float]:
-    """Per-example NLL sums (nats) of the targets under one row."""
+    """Per-example NLL sums (nats) of the targets under one row.
+
+    ``scored`` holds the sums of a row's first examples from an interrupted run; scoring continues
+    after them. ``on_batch`` receives the sums so far after every batch, so they can be saved.
+    """
     from .model import FlashBackModel
 
     device = str(resolve_device(device))
@@ -104,14 +111,16 @@ def score_row(
         raise ConfigError(f"row {row.name!r} is a no-marks row but adapter {row.adapter} was trained with marks.")
     excluded = mark_id_list(fb.tokenizer, fb.model)
     pad = pad_id_of(fb.tokenizer)
-    sums: list[float] = []
+    sums = list(scored)
     with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
+        for i in range(len(sums), len(examples), batch_size):
             batch = examples[i : i + batch_size]
             nll = target_nll(fb.model, batch, row.layout, marks, pad, excluded)
             sums.extend(nll.sum(-1).double().cpu().tolist())
             if progress is not None:
                 progress(len(batch))
+            if on_batch is not None:
+                on_batch(sums)
     del fb
     return sums
 
@@ -144,6 +153,9 @@ def bootstrap(
     return out
 
 
+SAVE_EVERY_S = 30.0  # how much scoring a stopped `eval ppl` may lose
+
+
 def run_eval(
     examples: Sequence[Example],
     rows: Sequence[PplRow],
@@ -155,7 +167,8 @@ def run_eval(
     meta: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Score all rows (resuming finished ones from ``{stem}.partial.json``) and write JSON, MD, PNG."""
+    """Score all rows and write JSON, MD, PNG. ``{stem}.partial.json`` keeps finished rows and the
+    row in progress (saved every ``SAVE_EVERY_S`` seconds), so a stopped run loses at most that."""
     if not examples:
         raise ConfigError("No examples to score.")
     resolve_device(device)
@@ -166,10 +179,18 @@ def run_eval(
     partial_path = out / f"{stem}.partial.json"
     digest = examples_digest(examples)
     done: dict[str, Any] = {}
+    started: dict[str, list[float]] = {}
     if partial_path.is_file():
         saved = json.loads(partial_path.read_text())
         if saved.get("examples_digest") == digest and saved.get("model") == model_name:
-            done = saved["rows"]
+            done, started = saved["rows"], saved.get("in_progress", {})
+
+    def save(in_progress: dict[str, list[float]]) -> None:
+        state = {"examples_digest": digest, "model": model_name, "rows": done, "in_progress": in_progress}
+        tmp = partial_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(partial_path)  # atomic: a kill mid-write leaves the previous state
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -181,11 +202,22 @@ def run_eval(
             if bar is not None:
                 bar.update(len(examples))
             continue
+        scored = started.get(key, [])[: len(examples)]
         if bar is not None:
             bar.set_description(f"scoring {row.name}")
-        sums = score_row(row, examples, model_name, device, batch_size, bar.update if bar is not None else None)
-        done[key] = sums
-        partial_path.write_text(json.dumps({"examples_digest": digest, "model": model_name, "rows": done}))
+            bar.update(len(scored))
+        last_save = time.monotonic()
+
+        def on_batch(sums: list[float], key: str = key) -> None:
+            nonlocal last_save
+            if time.monotonic() - last_save >= SAVE_EVERY_S:
+                save({key: sums})
+                last_save = time.monotonic()
+
+        done[key] = score_row(
+            row, examples, model_name, device, batch_size, bar.update if bar is not None else None, scored, on_batch
+        )
+        save({})
     if bar is not None:
         bar.close()
     arrays = {row.name: np.asarray(done[json.dumps(asdict(row), sort_keys=True)]) for row in rows}

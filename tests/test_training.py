@@ -389,6 +389,32 @@ def test_eval_scores_every_row_on_the_same_tokens_and_resumes(base_dir, examples
     assert again["rows"] == result["rows"]
 
 
+def test_eval_stopped_mid_row_resumes_from_its_last_save(base_dir, examples, tmp_path, monkeypatch) -> None:
+    import flashback_integrations.evaluation as evaluation
+
+    rows = [PplRow("no retrieval", "none"), PplRow("append", "append")]
+    ex = examples[:12]  # batches of 5: 5 + 5 + 2 per row
+    whole = run_eval(ex, rows, tmp_path / "whole", "ppl", str(base_dir), "cpu", batch_size=5, progress=False)
+    calls: list[int] = []
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == 5:  # the second batch of the second row
+            raise KeyboardInterrupt
+        return target_nll(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(evaluation, "target_nll", counted)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(ex, rows, tmp_path / "stopped", "ppl", str(base_dir), "cpu", batch_size=5, progress=False)
+    saved = json.loads((tmp_path / "stopped" / "ppl.partial.json").read_text())
+    assert len(saved["rows"]) == 1 and [len(v) for v in saved["in_progress"].values()] == [5]
+    calls.clear()
+    resumed = run_eval(ex, rows, tmp_path / "stopped", "ppl", str(base_dir), "cpu", batch_size=5, progress=False)
+    assert calls == [5, 2]  # only what the stopped run had not saved
+    assert resumed["rows"] == whole["rows"]
+
+
 def test_marks_row_without_marks_is_an_error(base_dir, examples) -> None:
     from flashback_integrations.evaluation import score_row
 
