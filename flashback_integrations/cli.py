@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -468,6 +469,12 @@ def bench_speed(
             "no on a GPU, where peak memory is per case anyway and the model loads once).",
         ),
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Keep the cases a stopped run with the same settings finished (from STEM.partial.json)."
+        ),
+    ] = False,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("benchmarks/results"),
     stem: Annotated[str, typer.Option(help="Output file name stem.")] = "speed_cpu",
 ) -> None:
@@ -517,10 +524,17 @@ def bench_speed(
     run = run_in_subprocess if isolate else InProcessRunner()
     out.mkdir(parents=True, exist_ok=True)
     partial = out / f"{stem}.partial.json"
+    finished = json.loads(partial.read_text()) if resume and partial.is_file() else []
     with Progress(console=console) as progress:
         task = progress.add_task("timing", total=len(cases))
         for case in cases:
             progress.update(task, description=f"{case.mode} T={case.total_tokens}")
+            same = [r for r in finished if {k: r.get(k) for k in asdict(case)} == asdict(case)]
+            if same:  # finished by a stopped run with exactly these settings
+                results.append(same[0])
+                progress.console.print(f"{case.mode} T={case.total_tokens}: kept from {partial.name}")
+                progress.advance(task)
+                continue
             started = time.perf_counter()
             results.append(run(case))
             r = results[-1]

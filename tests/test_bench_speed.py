@@ -140,3 +140,20 @@ def test_speed_benchmark_in_one_process_loads_the_model_once(tmp_path) -> None:
     assert not any(r["model_reused"] for r in runs["--isolate"]["runs"])
     assert runs["--no-isolate"]["command"].endswith("--no-isolate")
     assert [r["forward_tokens"] for r in shared] == [r["forward_tokens"] for r in runs["--isolate"]["runs"]]
+
+
+def test_speed_benchmark_resumes_the_cases_a_stopped_run_finished(tmp_path) -> None:
+    model = save_tiny_chat_model(tmp_path / "tiny", marks=False)
+    out = tmp_path / "out"
+    args = ["bench", "speed", "--model", model, "--lengths", "48", "--modes", "append,none", "--stride", "4",
+            "--doc-tokens", "8", "--repeats", "1", "--out", str(out), "--stem", "r"]  # fmt: skip
+    assert CliRunner().invoke(app, args).exit_code == 0
+    first = json.loads((out / "r.json").read_text())["runs"]
+    # a stopped run leaves the cases it finished; one was timed with other settings and must not be kept
+    stale = {**first[1], "doc_tokens": 16, "median_s": 999.0}
+    (out / "r.partial.json").write_text(json.dumps([{**first[0], "median_s": 123.0}, stale]))
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    runs = json.loads((out / "r.json").read_text())["runs"]
+    assert runs[0]["median_s"] == 123.0 and "kept from r.partial.json" in result.output
+    assert runs[1]["median_s"] != 999.0 and not (out / "r.partial.json").exists()
