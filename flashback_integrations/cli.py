@@ -403,6 +403,13 @@ def bench_store(
     """Ingestion throughput and query latency p50/p95, embedded vs a Chroma server."""
     from .bench.store import run_store_benchmark, write_outputs
 
+    sizes = (("--queries", queries), ("-k", k), ("--chunk-tokens", chunk_tokens))
+    bad = [f"{name}={value}" for name, value in sizes if value < 1]
+    if bad:
+        raise _fail(ValueError(f"{', '.join(bad)}: must be at least 1"))
+    unknown = [m for m in mode or [] if m not in ("embedded", "server")]
+    if unknown:
+        raise _fail(ValueError(f"unknown --mode {unknown}; modes are embedded and server"))
     corpus = paths or [PYTHON_DOCS]
     for p in corpus:
         if not p.exists():

@@ -120,3 +120,7 @@ def test_store_benchmark_writes_json_and_plot(tmp_path) -> None:
     assert set(data["modes"]) == {"embedded", "server"}
     assert data["modes"]["embedded"]["chunks"] == data["modes"]["server"]["chunks"] > 3
     assert (tmp_path / "out" / "store_bench.png").stat().st_size > 1000
+    for args, message in ((["--queries", "0", "-k", "0"], "--queries=0, -k=0: must be at least 1"),
+                          (["--mode", "cloud"], "unknown --mode ['cloud']")):  # fmt: skip
+        bad = CliRunner().invoke(app, ["bench", "store", str(tmp_path / "corpus"), *args, "--out", str(tmp_path / "x")])
+        assert bad.exit_code == 2 and message in bad.output and not (tmp_path / "x").exists()
