@@ -12,8 +12,16 @@ from pathlib import Path
 import pytest
 from tiny import make_sentence_transformer, make_tokenizer
 
-from flashback_integrations import BM25Retriever, FlashBackConfig
-from flashback_integrations.store import ChromaRetriever, Embedder, StoreError, connect, get_collection, ingest
+from flashback_integrations import BM25Retriever, ConfigError, FlashBackConfig
+from flashback_integrations.store import (
+    ChromaRetriever,
+    Embedder,
+    StoreError,
+    collection_names,
+    connect,
+    get_collection,
+    ingest,
+)
 from flashback_integrations.store.chroma import collection_stats
 
 CFG = FlashBackConfig(mode="append", stride=4, query_tokens=8, top_k=2, max_doc_tokens=12, marks=True)
@@ -176,6 +184,14 @@ def test_errors_unknown_collection_empty_collection_and_embedding_mismatch(tmp_p
     foreign.add(ids=["a"], embeddings=[[0.1] * 384], documents=["x"])
     with pytest.raises(StoreError, match="vectors of another size"):
         ChromaRetriever(foreign, embedding_model=other).retrieve("json", 1)
+    # bad settings or names fail before a collection exists, so a corrected rerun is not blocked by it
+    before = set(collection_names(client))
+    with pytest.raises(ConfigError, match="chunk_tokens must be positive"):
+        ingest(client, "fresh", [corpus], tokenizer, "tiny", embedder, chunk_tokens=0, progress=False)
+    with pytest.raises(ConfigError, match="Chroma refuses the collection name 'x'"):
+        do_ingest(client, "x", [corpus], tokenizer, embedder)
+    assert set(collection_names(client)) == before
+    assert do_ingest(client, "fresh", [corpus], tokenizer, embedder).chunks_added > 0
     assert get_collection(client, "docs").count() > 0  # nothing was lost on the way
 
 

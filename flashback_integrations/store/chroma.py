@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import ConfigError, FlashBackError
 from ..resolve import flashback_home
 from ..retrieval import Passage
-from .chunking import chunk_text
+from .chunking import check_chunking, chunk_text
 from .embeddings import DEFAULT_EMBEDDING_MODEL, Embedder
 
 META_EMBEDDING = "flashback_embedding_model"
@@ -155,6 +155,7 @@ def ingest(
     import time
 
     started = time.perf_counter()
+    check_chunking(chunk_tokens, overlap)  # before the collection exists: its metadata records these
     embedder = embedder or Embedder(DEFAULT_EMBEDDING_MODEL)
     files = iter_files(paths)
     settings = {
@@ -164,9 +165,17 @@ def ingest(
         META_OVERLAP: overlap,
         META_TOKENIZER: tokenizer_name,
     }
-    collection = client.get_or_create_collection(
-        collection_name, embedding_function=None, metadata={**settings, "hnsw:space": "cosine"}
-    )
+    from chromadb.errors import InvalidArgumentError
+
+    try:
+        collection = client.get_or_create_collection(
+            collection_name, embedding_function=None, metadata={**settings, "hnsw:space": "cosine"}
+        )
+    except (InvalidArgumentError, ValueError) as exc:  # Chroma's own name rules, checked before any write
+        raise ConfigError(
+            f"Chroma refuses the collection name {collection_name!r}: {exc}. Choose a name of 3-512 letters, "
+            "digits, '.', '_' or '-' that starts and ends with a letter or digit."
+        ) from exc
     check_embedding(collection, embedder)
     meta = collection.metadata or {}
     for key in (META_CHUNK_TOKENS, META_OVERLAP, META_TOKENIZER):

@@ -17,12 +17,16 @@ class Chunk:
     text: str
 
 
-def chunk_text(text: str, tokenizer: Any, chunk_tokens: int = 128, overlap: int = 0) -> list[Chunk]:
-    """Cut ``text`` into windows of ``chunk_tokens`` tokens of ``tokenizer`` (``overlap`` shared)."""
+def check_chunking(chunk_tokens: int, overlap: int = 0) -> None:
     if chunk_tokens <= 0:
         raise ConfigError(f"chunk_tokens must be positive, got {chunk_tokens}.")
     if not 0 <= overlap < chunk_tokens:
         raise ConfigError(f"overlap must be in [0, chunk_tokens), got {overlap} with chunk_tokens={chunk_tokens}.")
+
+
+def chunk_text(text: str, tokenizer: Any, chunk_tokens: int = 128, overlap: int = 0) -> list[Chunk]:
+    """Cut ``text`` into windows of ``chunk_tokens`` tokens of ``tokenizer`` (``overlap`` shared)."""
+    check_chunking(chunk_tokens, overlap)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = [o for o in encoded["offset_mapping"] if o[1] > o[0]]
     chunks: list[Chunk] = []
