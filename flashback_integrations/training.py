@@ -213,6 +213,23 @@ def prepare_model(model: Any, tokenizer: Any, cfg: TrainConfig) -> tuple[Any, Ma
     """Add the marks (if asked) and wrap ``model`` with LoRA + trainable mark rows."""
     from peft import LoraConfig, get_peft_model
 
+    if cfg.target_modules:  # checked before the marks change the model
+        names = [name for name, _ in model.named_modules()]
+        missing = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            projections = sorted(
+                {
+                    name.rsplit(".", 1)[-1]
+                    for name, m in model.named_modules()
+                    if getattr(m, "weight", None) is not None
+                    and m.weight.dim() == 2
+                    and not isinstance(m, torch.nn.Embedding)
+                }
+            )
+            raise ConfigError(
+                f"target modules {missing} match no module of this model; its projection layers are "
+                f"{', '.join(projections)}."
+            )
     marks = None
     if cfg.marks:
         left, right = add_mark_tokens(model, tokenizer)

@@ -338,6 +338,15 @@ def test_time_budget_stops_with_a_checkpoint(base_dir, examples, tmp_path) -> No
     assert train(model, tok, examples[:8], tmp_path / "t", more, resume=True, progress=False).steps == 50
 
 
+def test_unknown_target_modules_are_refused_before_the_model_changes(base_dir, examples, tmp_path) -> None:
+    model, tok = _load_base(base_dir)
+    rows, vocab = model.get_input_embeddings().weight.shape[0], len(tok)
+    with pytest.raises(ConfigError, match=r"target modules \['qproj'\] match no module.*q_proj"):
+        train(model, tok, examples[:4], tmp_path / "a", TrainConfig(**{**FAST, "target_modules": ["qproj"]}))
+    assert (model.get_input_embeddings().weight.shape[0], len(tok)) == (rows, vocab)  # no marks were added
+    assert not (tmp_path / "a").exists()
+
+
 def test_train_config_validation() -> None:
     with pytest.raises(ConfigError, match="layout"):
         TrainConfig(layout="none")
