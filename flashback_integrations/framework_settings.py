@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .config import FlashBackConfig
+from .devices import resolve_device, resolve_dtype
 from .errors import ConfigError
 from .model import FlashBackModel
 
@@ -50,6 +51,9 @@ class FlashBackSettings(BaseModel):
         """Validate the FlashBack settings at construction, not at the first call (a validator rather
         than ``model_post_init``, which the frameworks' base classes use themselves)."""
         self.flashback_config()
+        resolve_dtype(self.dtype)
+        if self.device is not None:
+            resolve_device(self.device)
         return self
 
     def flashback_config(self) -> FlashBackConfig:

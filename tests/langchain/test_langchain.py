@@ -161,6 +161,10 @@ def test_bad_settings_fail_at_construction(tiny_path) -> None:
         FlashBackLLM(model=tiny_path, stride=0)
     with pytest.raises(ValueError, match="mode='sideways' is not one of"):
         ChatFlashBack(model=tiny_path, mode="sideways")
+    with pytest.raises(ValueError, match="dtype 'float99' is not one of"):
+        ChatFlashBack(model=tiny_path, dtype="float99")
+    with pytest.raises(ValueError, match="not a torch device"):
+        FlashBackLLM(model=tiny_path, device="gpu0")
 
 
 def test_chat_streaming_keeps_retrievals_inside_the_model_run(tiny_path) -> None:
