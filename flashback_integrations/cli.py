@@ -12,7 +12,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .bench.speed import NAMED_CONFIGS
 from .config import FlashBackConfig
+from .devices import DTYPES
 from .errors import ConfigError, FlashBackError
 from .events import FinishEvent, Retrieval, RetrievalEvent, TokenEvent
 from .samples import sample_corpus_dir
@@ -450,14 +452,17 @@ def bench_store(
     console.print(f"wrote {json_path} and {png_path}")
 
 
+BenchModel = Annotated[
+    str,
+    typer.Option(help=f"'default', a hub id/path, or config:NAME (random weights: {', '.join(NAMED_CONFIGS)})."),
+]
+BenchDtype = Annotated[str, typer.Option(help=" | ".join(DTYPES))]
+BenchDevice = Annotated[str, typer.Option(help="cpu | cuda")]
+
+
 @bench_app.command("speed")
 def bench_speed(
-    model: Annotated[
-        str,
-        typer.Option(
-            help="'default', a hub id/path, or config:NAME (random weights: llama-1b, llama-7b, opt-125m, opt-6.7b)."
-        ),
-    ] = "default",
+    model: BenchModel = "default",
     lengths: Annotated[str, typer.Option(help="Comma-separated total lengths T.")] = "512,1024,2048",
     modes: Annotated[str, typer.Option(help="Comma-separated modes.")] = "prepend,append,none",
     stride: Annotated[int, typer.Option(help="Retrieve every N tokens.")] = 16,
@@ -466,8 +471,8 @@ def bench_speed(
     gen_tokens: Annotated[int | None, typer.Option(help="Generated tokens (default: T - prompt - doc).")] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per point (median reported).")] = 3,
     batch_size: Annotated[int, typer.Option(help="Sequences generated together (lockstep batch).")] = 1,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    dtype: BenchDtype = "float32",
+    device: BenchDevice = "cpu",
     isolate: Annotated[
         bool | None,
         typer.Option(
@@ -599,19 +604,14 @@ def bench_speed(
 
 @bench_app.command("forward")
 def bench_forward(
-    model: Annotated[
-        str,
-        typer.Option(
-            help="'default', a hub id/path, or config:NAME (random weights: llama-1b, llama-7b, opt-125m, opt-6.7b)."
-        ),
-    ] = "default",
+    model: BenchModel = "default",
     lengths: Annotated[str, typer.Option(help="Comma-separated context lengths T.")] = "512,1024,2048,4096",
     stride: Annotated[int, typer.Option(help="Retrieve every N tokens.")] = 16,
     doc_tokens: Annotated[int, typer.Option(help="Tokens of each passage.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Rows per forward.")] = 1,
     repeats: Annotated[int, typer.Option(help="Timed forwards per point (median reported).")] = 5,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    dtype: BenchDtype = "float32",
+    device: BenchDevice = "cpu",
     prompt_tokens: Annotated[
         int | None, typer.Option(help="Prompt length of the predicted runs, as in `bench speed`.")
     ] = None,
