@@ -65,6 +65,8 @@ def check_row_adapters(rows: Sequence[PplRow]) -> None:
         if manifest is None:
             continue
         mode, marks = manifest.flashback_config.get("mode"), manifest.flashback_config.get("marks")
+        if marks is None and manifest.mark_token_ids:  # settings left open, but the marks were trained
+            marks = True
         if mode is not None and mode != row.layout:
             raise ConfigError(
                 f"row {row.name!r} scores the {row.layout} layout but adapter {row.adapter} was trained for "
@@ -103,12 +105,11 @@ def score_row(
     from .model import FlashBackModel
 
     device = str(resolve_device(device))
+    check_row_adapters([row])
     fb = FlashBackModel.from_pretrained(model_name, adapter=row.adapter or "none", device=device)
     marks = fb.mark_ids if row.marks else None
     if row.marks and marks is None:
         raise ConfigError(f"row {row.name!r} uses marks but {row.adapter} gives the model none.")
-    if not row.marks and row.adapter and fb.adapter_manifest and fb.adapter_manifest.mark_token_ids:
-        raise ConfigError(f"row {row.name!r} is a no-marks row but adapter {row.adapter} was trained with marks.")
     excluded = mark_id_list(fb.tokenizer, fb.model)
     pad = pad_id_of(fb.tokenizer)
     sums = list(scored)

@@ -486,6 +486,13 @@ def test_cli_data_build_train_and_eval(base_dir, tmp_path) -> None:
     r = runner.invoke(
         app,
         ["eval", "ppl", "--model", str(base_dir), "--examples", str(tmp_path / "val.jsonl.gz"),
+         "--append-adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "eval"), "--stem", "wrong"],
+    )  # fmt: skip
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and "no-marks row but adapter" in said and "flashback train --no-marks" in said
+    r = runner.invoke(
+        app,
+        ["eval", "ppl", "--model", str(base_dir), "--examples", str(tmp_path / "val.jsonl.gz"),
          "--flashback-adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "eval"), "--stem", "wrong"],
     )  # fmt: skip
     assert r.exit_code == 2 and "not an adapter directory" in " ".join(r.output.split())
