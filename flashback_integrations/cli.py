@@ -41,9 +41,11 @@ def _print_retrieval(r: Retrieval) -> None:
         console.print(f"[yellow]  retrieval @ token {r.step} skipped:[/] {escape(r.error)}")
         return
     ids = escape(", ".join(_passage_label(p) for p in r.passages) or "none")
+    segments = r.segments_computed + r.segments_reused
+    cached = f", passages {r.segments_reused}/{segments} from cache" if segments else ""
     console.print(
         f"[cyan]  retrieval @ token {r.step}[/] query={escape(repr(r.query[-60:]))} -> {ids}: "
-        f"block={r.block_tokens} tok, kept {r.reused_tokens} cached, recomputed {r.prefill_tokens}, "
+        f"block={r.block_tokens} tok, kept {r.reused_tokens} cached, recomputed {r.prefill_tokens}{cached}, "
         f"{r.latency_s * 1000:.1f} ms"
     )
 

@@ -1,27 +1,19 @@
-"""The decode loop with periodic retrieval, and the only code that touches the KV cache.
+"""The decode loop with periodic retrieval.
 
-Every step asks :class:`KVContext` for the next-token logits of a full context (built by
-``layout.build_context``). ``KVContext`` keeps the cache for the longest prefix it shares with
-the previous context, crops the rest and feeds only the new tail. Because a token's keys and values
-depend on nothing but the tokens before it, the logits equal those of a full forward over the
-context. For append mode this is exactly METHOD.md's arithmetic: at a retrieval the shared prefix is
-``P + G[:j-s]``, so the cache is cropped there and ``G[j-s:j] + [MARK_L] + B + [MARK_R]`` is fed in
-one forward; between retrievals one token is fed per step. For prepend mode the block sits at the
-front, so almost nothing is shared and the context is recomputed, as In-Context RALM does.
+Every step lays out the full context (``layout.build_spans``, the METHOD.md table) and asks
+:class:`~.kvcache.KVContext` for its next-token logits; the cache logic lives there alone. The loop
+decides when to retrieve, what the model sees, how a token is chosen, and what is reported.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import inspect
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import Cache, DynamicLayer
 
 from .config import FlashBackConfig
 from .errors import RetrievalError
@@ -34,143 +26,11 @@ from .events import (
     RetrievalEvent,
     TokenEvent,
 )
-from .layout import MarkIds, build_context, find_mark_ids, passage_ids, query_ids, wrap_block
+from .kvcache import KVContext, PassageKVCache, _RoomyCache  # noqa: F401 - re-exported for benchmarks
+from .layout import MarkIds, Span, build_spans, find_mark_ids, passage_ids, passage_segments, query_ids, wrap_block
 from .retrieval import Passage
 from .sampling import choose_token
 from .text import StreamingText
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:  # the common case (a plain decode step), compared at C speed
-        return n
-    lo, hi = 0, n  # binary search on prefix equality: O(n log n) in C instead of a Python loop
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-class _RoomyLayer(DynamicLayer):
-    """A ``DynamicLayer`` whose keys and values are views of a buffer with spare room.
-
-    ``DynamicLayer`` concatenates on every update, which copies the layer's whole cache once per
-    decoded token (a full read and write of the cache per step; on this CPU the measured gain was
-    0-7% of a decode step at batch 1 and 3% at batch 8, see ``benchmarks/cache_ab.py``;
-    the copy outgrows the weights on a GPU at long contexts and large batches). Writing into spare
-    room avoids that copy, and ``DynamicLayer.crop`` (a shorter view) still applies. The first update
-    of an empty layer keeps its keys and values contiguous, as ``DynamicLayer`` does: attention over a
-    strided view made a 1,900-token recompute (prepend's every retrieval) about 16% slower on this CPU.
-    """
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        self.keys = key_states[..., :0, :]
-        self.values = value_states[..., :0, :]
-        self._room: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.is_initialized = True
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        held, need = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
-        if held == 0:  # room is made on the next update, when a copy is due anyway
-            self.keys, self.values, self._room = key_states.contiguous(), value_states.contiguous(), None
-            return self.keys, self.values
-        room = self._room
-        if (
-            room is None
-            or need > room[0].shape[-2]
-            or room[0].shape[:-2] != key_states.shape[:-2]
-            or self.keys._base is not room[0]  # replaced by another DynamicLayer method
-        ):
-            size = max(need + 256, room[0].shape[-2] * 3 // 2 if room is not None else 0)
-            room = tuple(  # type: ignore[assignment]
-                new.new_empty(*new.shape[:-2], size, new.shape[-1]) for new in (key_states, value_states)
-            )
-            room[0][..., :held, :] = self.keys
-            room[1][..., :held, :] = self.values
-            self._room = room
-        room[0][..., held:need, :] = key_states
-        room[1][..., held:need, :] = value_states
-        self.keys, self.values = room[0][..., :need, :], room[1][..., :need, :]
-        return self.keys, self.values
-
-
-class _RoomyCache(DynamicCache):
-    """``DynamicCache`` (so model code treats it as one) built from :class:`_RoomyLayer`."""
-
-    def __init__(self) -> None:
-        Cache.__init__(self, layer_class_to_replicate=_RoomyLayer)
-
-
-class KVContext:
-    """A ``DynamicCache`` plus the exact ids it holds, so reuse can never be wrong.
-
-    ``next_logits(ctx)`` returns the logits after the last id of ``ctx`` as a full forward over
-    ``ctx`` would, recomputing only the part of ``ctx`` that differs from what is cached.
-    ``next_logits_rows`` does the same for several contexts of equal length at once (one batch):
-    the cache is kept up to the shortest prefix any row shares with what it holds.
-    """
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.cache = _RoomyCache()
-        self.rows: list[list[int]] = []
-        self.device = next(model.parameters()).device
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        params = inspect.signature(base.forward).parameters
-        self._last_only = "logits_to_keep" in params
-        # transformers >= 5.2x renamed `past_key_values` to `cache`; accept both
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-
-    @property
-    def ids(self) -> list[int]:
-        """The ids the cache holds (single-row use)."""
-        return self.rows[0] if self.rows else []
-
-    def next_logits(self, ctx: Sequence[int]) -> tuple[torch.Tensor, int, int]:
-        """Logits ``[vocab]`` after ``ctx``, the number of cached ids kept, and the number fed."""
-        logits, keep, fed = self.next_logits_rows([ctx])
-        return logits[0], keep, fed
-
-    def next_logits_rows(self, ctxs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, int, int]:
-        """Logits ``[rows, vocab]`` after each context; contexts must have equal lengths."""
-        width = len(ctxs[0]) if ctxs else 0
-        if not width:
-            raise ValueError("cannot compute logits for an empty context")
-        if any(len(c) != width for c in ctxs):
-            raise ValueError(f"contexts of a batch must have equal lengths, got {sorted({len(c) for c in ctxs})}")
-        held = len(self.rows[0]) if self.rows else 0
-        if len(self.rows) != len(ctxs):
-            keep = 0
-        else:
-            keep = min(width - 1, *(_common_prefix(h, c) for h, c in zip(self.rows, ctxs, strict=True)))
-        if keep == 0:
-            self.cache = _RoomyCache()
-        elif keep < held:
-            self.cache.crop(keep - held)  # transformers 5: a negative count to remove
-        input_ids = torch.tensor([list(c[keep:]) for c in ctxs], dtype=torch.long, device=self.device)
-        positions = torch.arange(keep, width, dtype=torch.long, device=self.device).expand(len(ctxs), -1)
-        kwargs: dict[str, Any] = {self._cache_kwarg: self.cache}
-        if self._last_only:
-            kwargs["logits_to_keep"] = 1
-        # Keep the ids in step with the cache even if the forward fails half-way.
-        self.rows = []
-        with torch.no_grad():
-            out = self.model(
-                input_ids=input_ids,
-                position_ids=positions,
-                use_cache=True,
-                **kwargs,
-            )
-        self.rows = [list(c) for c in ctxs]
-        return out.logits[:, -1].float(), keep, width - keep
 
 
 @dataclass
@@ -190,6 +50,8 @@ class GenerationSpec:
     callbacks: list[FlashBackCallback] = field(default_factory=list)
     output_logits: bool = False
     first_query: str | None = None
+    passage_cache: PassageKVCache | None = None
+    fingerprint: Hashable | None = None
 
 
 class _Retriever:
@@ -242,9 +104,9 @@ def run(model: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:
     prompt = spec.prompt_ids
     generated: list[int] = []
     retrievals: list[Retrieval] = []
-    block: list[int] = []
+    blocks: list[list[int]] = []
     block_step = 0
-    kv = KVContext(model)
+    kv = KVContext(model, spec.passage_cache, spec.fingerprint)
     text = StreamingText(tokenizer, spec.stop)
     retriever = _Retriever(spec) if cfg.retrieves else None
     generator = None
@@ -260,13 +122,13 @@ def run(model: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:
         for step in range(spec.max_new_tokens):
             record: Retrieval | None = None
             if retriever is not None and step % cfg.stride == 0:
-                record, block = _retrieve(spec, tokenizer, retriever, prompt, generated, step)
+                record, blocks = _retrieve(spec, tokenizer, retriever, prompt, generated, step)
                 block_step = step
-            ctx = build_context(cfg.mode, prompt, generated, block_step, block, tokenizer.bos_token_id)
+            ctx = _context(cfg, prompt, generated, block_step, blocks, tokenizer.bos_token_id)
             logits, kept, fed = kv.next_logits(ctx)
-            fed_total += fed
+            fed_total += fed + kv.stats.segment_tokens_computed
             if record is not None:
-                record.reused_tokens, record.prefill_tokens = kept, fed
+                _record_cost(record, kv)
                 retrievals.append(record)
                 for cb in spec.callbacks:
                     cb.on_retrieval_end(record)
@@ -321,10 +183,10 @@ def run_rows(model: Any, tokenizer: Any, specs: Sequence[GenerationSpec]) -> lis
     cfg = specs[0].config
     steps = specs[0].max_new_tokens
     started = time.perf_counter()
-    kv = KVContext(model)
+    kv = KVContext(model, specs[0].passage_cache, specs[0].fingerprint)
     retrievers = [_Retriever(spec) if cfg.retrieves else None for spec in specs]
     generated: list[list[int]] = [[] for _ in specs]
-    blocks: list[list[int]] = [[] for _ in specs]
+    blocks: list[list[list[int]]] = [[] for _ in specs]
     block_step = 0
     retrievals: list[list[Retrieval]] = [[] for _ in specs]
     known = specs[0].marks or find_mark_ids(tokenizer)
@@ -338,20 +200,21 @@ def run_rows(model: Any, tokenizer: Any, specs: Sequence[GenerationSpec]) -> lis
                     records[i], blocks[i] = _retrieve(spec, tokenizer, retriever, spec.prompt_ids, generated[i], step)  # type: ignore[arg-type]
                 block_step = step
             ctxs = [
-                build_context(cfg.mode, spec.prompt_ids, generated[i], block_step, blocks[i], tokenizer.bos_token_id)
+                _context(cfg, spec.prompt_ids, generated[i], block_step, blocks[i], tokenizer.bos_token_id)
                 for i, spec in enumerate(specs)
             ]
-            if len({len(c) for c in ctxs}) > 1:
+            shapes = [[len(s.ids) for s in c] for c in ctxs]
+            if any(shape != shapes[0] for shape in shapes):
                 raise ConfigError(
-                    f"Batched rows diverged in length at step {step} (context lengths {[len(c) for c in ctxs]}): "
+                    f"Batched rows diverged in length at step {step} (context span lengths {shapes}): "
                     "generate_batch needs prompts of equal token length and passages of equal token length "
                     "(e.g. Passage.token_ids of a fixed size). Use generate() per prompt otherwise."
                 )
             logits, kept, fed = kv.next_logits_rows(ctxs)
-            fed_total += fed
+            fed_total += fed + kv.stats.segment_tokens_computed
             for i, record in enumerate(records):
                 if record is not None:
-                    record.reused_tokens, record.prefill_tokens = kept, fed
+                    _record_cost(record, kv)
                     retrievals[i].append(record)
             if banned:
                 logits[:, banned] = float("-inf")
@@ -383,7 +246,7 @@ def _retrieve(
     prompt: list[int],
     generated: list[int],
     step: int,
-) -> tuple[Retrieval, list[int]]:
+) -> tuple[Retrieval, list[list[int]]]:
     cfg = spec.config
     if step == 0 and spec.first_query is not None:
         query = spec.first_query
@@ -399,8 +262,45 @@ def _retrieve(
         for cb in spec.callbacks:
             cb.on_retrieval_error(step, query, exc)
         raise
-    block = wrap_block(passage_ids(tokenizer, passages, cfg.max_doc_tokens), spec.marks)
+    if cfg.mode == "isolated":
+        blocks = passage_segments(tokenizer, passages, cfg.max_doc_tokens, spec.marks)
+    else:
+        block = wrap_block(passage_ids(tokenizer, passages, cfg.max_doc_tokens), spec.marks)
+        blocks = [block] if block else []
     record = Retrieval(
-        step=step, query=query, passages=passages, block_tokens=len(block), latency_s=latency, error=error
+        step=step,
+        query=query,
+        passages=passages,
+        block_tokens=sum(len(b) for b in blocks),
+        latency_s=latency,
+        error=error,
     )
-    return record, block
+    return record, blocks
+
+
+def _context(
+    cfg: FlashBackConfig,
+    prompt: Sequence[int],
+    generated: Sequence[int],
+    block_step: int,
+    blocks: Sequence[Sequence[int]],
+    bos_id: int | None,
+) -> list[Span]:
+    return build_spans(
+        cfg.mode,
+        prompt,
+        generated,
+        block_step,
+        blocks,
+        bos_id,
+        tail_tokens=cfg.tail_tokens,
+        passage_sink=cfg.passage_sink,
+        block_offset=cfg.block_offset,
+    )
+
+
+def _record_cost(record: Retrieval, kv: KVContext) -> None:
+    stats = kv.stats
+    record.reused_tokens, record.prefill_tokens = stats.kept, stats.fed
+    record.segments_computed, record.segments_reused = stats.segments_computed, stats.segments_reused
+    record.segment_tokens_computed = stats.segment_tokens_computed

@@ -26,7 +26,13 @@ class Retrieval:
     reused_tokens: int = 0
     """Cached context tokens kept after this retrieval (the input's cache in append mode)."""
     prefill_tokens: int = 0
-    """Tokens recomputed in the forward that follows this retrieval."""
+    """Tokens fed over the cache after this retrieval (``s + |B|`` in append, ``s + t`` in isolated)."""
+    segments_computed: int = 0
+    """Isolated mode: passage segments whose keys and values had to be computed."""
+    segments_reused: int = 0
+    """Isolated mode: passage segments taken from the passage-KV cache (no forward at all)."""
+    segment_tokens_computed: int = 0
+    """Isolated mode: tokens of the computed segments (each in a forward of its own)."""
     error: str | None = None
     """Why the block is missing when ``on_retrieval_error='skip'`` let generation go on."""
 

@@ -33,17 +33,28 @@ def find_mark_ids(tokenizer: Any) -> MarkIds | None:
     return MarkIds(*ids)
 
 
-def passage_ids(tokenizer: Any, passages: Sequence[Passage], max_doc_tokens: int) -> list[int]:
-    """Each passage's tokens without special tokens, cut to ``max_doc_tokens``, concatenated."""
+def _each_passage_ids(tokenizer: Any, passages: Sequence[Passage], max_doc_tokens: int) -> list[list[int]]:
     special = set(tokenizer.all_special_ids)
-    ids: list[int] = []
+    out: list[list[int]] = []
     for passage in passages:
         if passage.token_ids is not None:
             tokens = list(passage.token_ids)
         else:
             tokens = tokenizer(passage.text, add_special_tokens=False)["input_ids"]
-        ids.extend([t for t in tokens if t not in special][:max_doc_tokens])
-    return ids
+        out.append([t for t in tokens if t not in special][:max_doc_tokens])
+    return out
+
+
+def passage_ids(tokenizer: Any, passages: Sequence[Passage], max_doc_tokens: int) -> list[int]:
+    """Each passage's tokens without special tokens, cut to ``max_doc_tokens``, concatenated."""
+    return [t for ids in _each_passage_ids(tokenizer, passages, max_doc_tokens) for t in ids]
+
+
+def passage_segments(
+    tokenizer: Any, passages: Sequence[Passage], max_doc_tokens: int, marks: MarkIds | None
+) -> list[list[int]]:
+    """The isolated layout's segments: each passage on its own, wrapped by the marks; empty ones dropped."""
+    return [wrap_block(ids, marks) for ids in _each_passage_ids(tokenizer, passages, max_doc_tokens) if ids]
 
 
 def wrap_block(doc_ids: Sequence[int], marks: MarkIds | None) -> list[int]:
@@ -62,21 +73,74 @@ def build_context(
     block_step: int,
     block: Sequence[int],
     bos_id: int | None,
+    block_offset: int = 0,
 ) -> list[int]:
     """Ids of the context that predicts the next token (METHOD.md, "Context layout").
 
     ``block`` is already wrapped by :func:`wrap_block`; ``block_step`` is ``j``, the number of
-    generated tokens when it was retrieved.
+    generated tokens when it was retrieved. ``block_offset`` (append) puts the block that many
+    tokens back into the history ``P + G[:j]`` (at its start when the history is shorter).
     """
     if mode == "none" or not block:
         return [*prompt_ids, *generated]
     if mode == "append":
-        return [*prompt_ids, *generated[:block_step], *block, *generated[block_step:]]
+        history = [*prompt_ids, *generated[:block_step]]
+        cut = max(0, len(history) - block_offset)
+        return [*history[:cut], *block, *history[cut:], *generated[block_step:]]
     if mode == "prepend":
         if bos_id is not None and prompt_ids and prompt_ids[0] == bos_id:
             return [bos_id, *block, *prompt_ids[1:], *generated]
         return [*block, *prompt_ids, *generated]
     raise ValueError(f"unknown mode {mode!r}")
+
+
+@dataclass(frozen=True)
+class Span:
+    """Ids at consecutive RoPE positions from ``start``, one piece of a context as the cache holds it.
+
+    A causal span attends to everything before it in the cache; an ``isolated`` one only to itself
+    (and to the text token ``sink`` at position 0, when given), so its KV depends on nothing else.
+    """
+
+    ids: tuple[int, ...]
+    start: int = 0
+    isolated: bool = False
+    sink: int | None = None
+
+
+def build_spans(
+    mode: str,
+    prompt_ids: Sequence[int],
+    generated: Sequence[int],
+    block_step: int,
+    blocks: Sequence[Sequence[int]],
+    bos_id: int | None,
+    *,
+    tail_tokens: int = 1,
+    passage_sink: bool = False,
+    block_offset: int = 0,
+) -> list[Span]:
+    """The context as spans (METHOD.md): one causal span for none/append/prepend, and for
+    ``isolated`` the head ``H[:-t]``, the passage segments at negative positions ending at -1, and the
+    tail ``H[-t:] + G[j:]`` continuing the head's positions (``H = P + G[:j]``).
+
+    ``blocks`` holds the one wrapped block of append/prepend, or the wrapped segments of isolated.
+    """
+    if mode != "isolated":
+        block = blocks[0] if blocks else []
+        return [Span(tuple(build_context(mode, prompt_ids, generated, block_step, block, bos_id, block_offset)))]
+    if not blocks:
+        return [Span((*prompt_ids, *generated))]
+    history = [*prompt_ids, *generated[:block_step]]
+    cut = max(0, len(history) - tail_tokens)
+    spans = [Span(tuple(history[:cut]))] if cut else []
+    position = -sum(len(b) for b in blocks)
+    sink = history[0] if passage_sink else None
+    for block in blocks:
+        spans.append(Span(tuple(block), position, True, sink))
+        position += len(block)
+    spans.append(Span((*history[cut:], *generated[block_step:]), cut))
+    return spans
 
 
 def query_ids(prompt_ids: Sequence[int], generated: Sequence[int], query_tokens: int) -> list[int]:

@@ -15,6 +15,7 @@ from .config import FlashBackConfig
 from .devices import resolve_device, resolve_dtype
 from .errors import ConfigError, ContextWindowError, MarksUnavailableError
 from .events import Event, FlashBackCallback, GenerationResult, final_result
+from .kvcache import DEFAULT_PASSAGE_CACHE_BYTES, PassageKVCache, uses_rotary_positions, weights_fingerprint
 from .layout import MARK_L, MARK_R, MarkIds, block_budget, find_mark_ids
 from .resolve import resolve_model
 from .retrieval import RetrieverLike, as_retrieve_fn
@@ -56,7 +57,10 @@ class FlashBackModel:
         config: FlashBackConfig | None = None,
         name: str | None = None,
         adapter_manifest: AdapterManifest | None = None,
+        passage_cache_bytes: int = DEFAULT_PASSAGE_CACHE_BYTES,
     ) -> None:
+        self.passage_cache = PassageKVCache(passage_cache_bytes)
+        """Isolated mode's passage keys/values, shared by every call on this model (LRU, in bytes)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config or FlashBackConfig()
@@ -74,6 +78,7 @@ class FlashBackModel:
         device: str | torch.device | None = None,
         merge_adapter: bool = True,
         check_adapter_base: bool = True,
+        passage_cache_bytes: int = DEFAULT_PASSAGE_CACHE_BYTES,
         **model_kwargs: Any,
     ) -> FlashBackModel:
         """Load ``"default"`` (SmolLM2-135M-Instruct, offline when possible), a hub id or a local path.
@@ -101,7 +106,14 @@ class FlashBackModel:
             )
         if config is None and manifest is not None and manifest.flashback_config:
             config = FlashBackConfig.from_dict(manifest.flashback_config)
-        return cls(model, tokenizer, config=config, name=name_or_path, adapter_manifest=manifest)
+        return cls(
+            model,
+            tokenizer,
+            config=config,
+            name=name_or_path,
+            adapter_manifest=manifest,
+            passage_cache_bytes=passage_cache_bytes,
+        )
 
     @classmethod
     def shared(
@@ -213,6 +225,12 @@ class FlashBackModel:
                 f"mode={config.mode!r} needs a retriever (an object with retrieve(query, k) or a "
                 "callable (query, k) -> list[str]); pass one, or use mode='none'."
             )
+        if config.mode == "isolated" and not self._rotary:
+            raise ConfigError(
+                f"mode='isolated' needs a model with rotary position embeddings (it places passages at "
+                f"negative positions); {self.name!r} ({type(self.model).__name__}) has learned absolute "
+                "positions. Use mode='append', 'prepend' or 'none' with this model."
+            )
         marks = self._marks_for(config)
         prompt_ids = self.encode(prompt)
         window = self.context_window
@@ -241,7 +259,15 @@ class FlashBackModel:
             callbacks=list(callbacks or []),
             output_logits=output_logits,
             first_query=first_query,
+            passage_cache=self.passage_cache if config.mode == "isolated" else None,
+            fingerprint=weights_fingerprint(self.model) if config.mode == "isolated" else None,
         )
+
+    @property
+    def _rotary(self) -> bool:
+        if not hasattr(self, "_rotary_cached"):
+            self._rotary_cached = uses_rotary_positions(self.model)
+        return self._rotary_cached
 
     def stream(
         self, prompt: str | Sequence[int], retriever: RetrieverLike | None = None, **kwargs: Any

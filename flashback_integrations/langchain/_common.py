@@ -71,6 +71,9 @@ def retrieval_payload(r: Retrieval) -> dict[str, Any]:
         "latency_s": r.latency_s,
         "reused_tokens": r.reused_tokens,
         "prefill_tokens": r.prefill_tokens,
+        "segments_computed": r.segments_computed,
+        "segments_reused": r.segments_reused,
+        "segment_tokens_computed": r.segment_tokens_computed,
         "error": r.error,
     }
 

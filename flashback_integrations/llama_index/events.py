@@ -25,6 +25,9 @@ class FlashBackRetrievalEvent(BaseEvent):
     latency_s: float
     reused_tokens: int
     prefill_tokens: int
+    segments_computed: int = 0
+    segments_reused: int = 0
+    segment_tokens_computed: int = 0
     error: str | None = None
 
     @classmethod
@@ -91,6 +94,9 @@ class LlamaIndexBridge(FlashBackCallback):
                 latency_s=retrieval.latency_s,
                 reused_tokens=retrieval.reused_tokens,
                 prefill_tokens=retrieval.prefill_tokens,
+                segments_computed=retrieval.segments_computed,
+                segments_reused=retrieval.segments_reused,
+                segment_tokens_computed=retrieval.segment_tokens_computed,
                 error=retrieval.error,
             )
         )

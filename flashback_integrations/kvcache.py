@@ -1,0 +1,331 @@
+"""The only code that touches KV caches: the generation cache and the passage-KV cache.
+
+:class:`KVContext` is given the whole context at every step, as spans (``layout.Span``), and returns
+the next-token logits a full forward over that context would give. It keeps the cache for the longest
+prefix it shares with what it holds, crops the rest and feeds only what changed. A token's keys and
+values depend on nothing but what it attends to, so this is exact: in append mode a retrieval keeps
+``P + G[:j-s]`` and feeds ``G[j-s:j] + block``; in prepend mode almost nothing is shared; in isolated
+mode the head is kept, the ``s`` tokens leaving the tail are fed, each passage segment's KV is taken
+from :class:`PassageKVCache` (or computed on its own, at its own positions) and appended, and the
+tail is fed with explicit positions.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .errors import ConfigError
+from .layout import Span
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the common case (a plain decode step), compared at C speed
+        return n
+    lo, hi = 0, n  # binary search on prefix equality: O(n log n) in C instead of a Python loop
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class _RoomyLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values are views of a buffer with spare room.
+
+    ``DynamicLayer`` concatenates on every update, which copies the layer's whole cache once per
+    decoded token (a full read and write of the cache per step; on this CPU the measured gain was
+    0-7% of a decode step at batch 1 and 3% at batch 8, see ``benchmarks/cache_ab.py``;
+    the copy outgrows the weights on a GPU at long contexts and large batches). Writing into spare
+    room avoids that copy, and ``DynamicLayer.crop`` (a shorter view) still applies. The first update
+    of an empty layer keeps its keys and values contiguous, as ``DynamicLayer`` does: attention over a
+    strided view made a 1,900-token recompute (prepend's every retrieval) about 16% slower on this CPU.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.keys = key_states[..., :0, :]
+        self.values = value_states[..., :0, :]
+        self._room: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held, need = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
+        if held == 0:  # room is made on the next update, when a copy is due anyway
+            self.keys, self.values, self._room = key_states.contiguous(), value_states.contiguous(), None
+            return self.keys, self.values
+        room = self._room
+        if (
+            room is None
+            or need > room[0].shape[-2]
+            or room[0].shape[:-2] != key_states.shape[:-2]
+            or self.keys._base is not room[0]  # replaced by another DynamicLayer method
+        ):
+            size = max(need + 256, room[0].shape[-2] * 3 // 2 if room is not None else 0)
+            room = tuple(  # type: ignore[assignment]
+                new.new_empty(*new.shape[:-2], size, new.shape[-1]) for new in (key_states, value_states)
+            )
+            room[0][..., :held, :] = self.keys
+            room[1][..., :held, :] = self.values
+            self._room = room
+        room[0][..., held:need, :] = key_states
+        room[1][..., held:need, :] = value_states
+        self.keys, self.values = room[0][..., :need, :], room[1][..., :need, :]
+        return self.keys, self.values
+
+
+class _RoomyCache(DynamicCache):
+    """``DynamicCache`` (so model code treats it as one) built from :class:`_RoomyLayer`."""
+
+    def __init__(self) -> None:
+        Cache.__init__(self, layer_class_to_replicate=_RoomyLayer)
+
+
+LayerKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+"""One segment's keys and values, per layer, each ``[1, kv_heads, tokens, head_dim]``."""
+
+DEFAULT_PASSAGE_CACHE_BYTES = 512 * 2**20
+
+
+def _kv_bytes(kv: LayerKV) -> int:
+    return sum(t.numel() * t.element_size() for pair in kv for t in pair)
+
+
+class PassageKVCache:
+    """Passage segments' keys and values, computed once and reused across retrievals and calls.
+
+    Bounded in bytes (least recently used first out) and thread-safe. A key holds the weights'
+    fingerprint (:func:`weights_fingerprint`: model, adapter, dtype, device) and the segment itself
+    (ids with marks, positions, sink), so another model, adapter, dtype or mark setting never hits.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_PASSAGE_CACHE_BYTES) -> None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+            raise ConfigError(f"passage_cache_bytes must be a positive integer (bytes), got {max_bytes!r}.")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Hashable, tuple[LayerKV, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable) -> LayerKV | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[0]
+
+    def put(self, key: Hashable, kv: LayerKV) -> None:
+        size = _kv_bytes(kv)
+        if size > self.max_bytes:
+            return  # larger than the whole budget: computed each time, never stored
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.bytes -= old[1]
+            self._entries[key] = (kv, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self.bytes -= dropped
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
+
+
+def weights_fingerprint(model: Any) -> Hashable:
+    """What a cached segment's KV depends on besides its ids: which tensors the model computes with
+    (object, storage, in-place version), their dtype/device, and PEFT's adapter switches."""
+    params = tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+    adapters = tuple(
+        (tuple(m.active_adapters), bool(m.disable_adapters), tuple(m.merged_adapters))
+        for m in model.modules()
+        if hasattr(m, "merged_adapters") and hasattr(m, "disable_adapters")
+    )
+    return (id(model), hash(params), adapters)
+
+
+def uses_rotary_positions(model: Any) -> bool:
+    """Whether positions enter through rotary embeddings (the isolated layout needs negative positions
+    that a key can be read at; learned absolute position tables such as GPT-2's/OPT's have none)."""
+    return any("rotary" in type(m).__name__.lower() for m in model.modules())
+
+
+@dataclass
+class FeedStats:
+    """What the last ``next_logits`` call cost: causal tokens fed, and the segments it needed."""
+
+    kept: int = 0
+    fed: int = 0
+    segments_computed: int = 0
+    segments_reused: int = 0
+    segment_tokens_computed: int = 0
+
+
+def _as_spans(ctx: Sequence[int] | Sequence[Span]) -> tuple[Span, ...]:
+    if ctx and isinstance(ctx[0], Span):
+        return tuple(ctx)  # type: ignore[arg-type]
+    return (Span(tuple(int(i) for i in ctx)),)  # type: ignore[arg-type]
+
+
+def _shape(spans: Sequence[Span]) -> tuple[tuple[int, int, bool, bool], ...]:
+    return tuple((len(s.ids), s.start, s.isolated, s.sink is not None) for s in spans)
+
+
+def _shared(held: Sequence[Span], new: Sequence[Span]) -> int:
+    """Physical tokens at the front of ``held`` whose KV ``new`` would compute identically."""
+    keep = 0
+    for a, b in zip(held, new, strict=False):
+        if a == b:
+            keep += len(a.ids)
+            continue
+        if not a.isolated and not b.isolated and a.start == b.start:
+            keep += _common_prefix(a.ids, b.ids)
+        break
+    return keep
+
+
+class KVContext:
+    """A ``DynamicCache`` plus the exact spans it holds, so reuse can never be wrong.
+
+    ``next_logits(ctx)`` returns the logits after the last id of ``ctx`` (a list of ids, or of
+    ``Span``s whose last one is causal) as a full forward over ``ctx`` would, recomputing only the part
+    of ``ctx`` that differs from what is cached; ``stats`` says what that cost. ``next_logits_rows``
+    does the same for several contexts of one shape at once (one batch): the cache is kept up to the
+    shortest prefix any row shares with what it holds.
+    """
+
+    def __init__(self, model: Any, passages: PassageKVCache | None = None, fingerprint: Hashable | None = None) -> None:
+        import inspect
+
+        self.model = model
+        self.cache = _RoomyCache()
+        self.rows: list[tuple[Span, ...]] = []
+        self.device = next(model.parameters()).device
+        self.passages = passages
+        self.fingerprint = fingerprint if fingerprint is not None or passages is None else weights_fingerprint(model)
+        self.stats = FeedStats()
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(base.forward).parameters
+        self._last_only = "logits_to_keep" in params
+        # transformers >= 5.2x renamed `past_key_values` to `cache`; accept both
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def ids(self) -> list[int]:
+        """The ids the cache holds, in cache order (single-row use)."""
+        return [i for span in self.rows[0] for i in span.ids] if self.rows else []
+
+    def next_logits(self, ctx: Sequence[int] | Sequence[Span]) -> tuple[torch.Tensor, int, int]:
+        """Logits ``[vocab]`` after ``ctx``, the number of cached ids kept, and the number fed."""
+        logits, keep, fed = self.next_logits_rows([ctx])
+        return logits[0], keep, fed
+
+    def next_logits_rows(self, ctxs: Sequence[Sequence[int] | Sequence[Span]]) -> tuple[torch.Tensor, int, int]:
+        """Logits ``[rows, vocab]`` after each context; contexts must have one shape (equal lengths)."""
+        rows = [_as_spans(c) for c in ctxs]
+        if not rows or not rows[0] or not rows[0][-1].ids:
+            raise ValueError("cannot compute logits for an empty context")
+        shape = _shape(rows[0])
+        if any(_shape(r) != shape for r in rows):
+            widths = sorted({sum(len(s.ids) for s in r) for r in rows})
+            raise ValueError(f"contexts of a batch must have equal lengths and layouts, got lengths {widths}")
+        if rows[0][-1].isolated:
+            raise ValueError("a context must end in a causal span (the tokens that predict)")
+        width = sum(n for n, *_ in shape)
+        held = sum(len(s.ids) for s in self.rows[0]) if self.rows else 0
+        keep = (
+            0
+            if len(self.rows) != len(rows)
+            else min(width - 1, *(_shared(h, r) for h, r in zip(self.rows, rows, strict=True)))
+        )
+        if keep == 0:
+            self.cache = _RoomyCache()
+        elif keep < held:
+            self.cache.crop(keep - held)  # transformers 5: a negative count to remove
+        stats = FeedStats(kept=keep)
+        self.rows = []  # keep the spans in step with the cache even if a forward fails half-way
+        logits = None
+        offset = 0
+        with torch.no_grad():
+            for i, span in enumerate(rows[0]):
+                end = offset + len(span.ids)
+                if end > keep:
+                    if span.isolated:
+                        self._append_segments([r[i] for r in rows], stats)
+                    else:
+                        skip = max(0, keep - offset)
+                        ids = [list(r[i].ids[skip:]) for r in rows]
+                        logits = self._forward(ids, span.start + skip, self.cache)
+                        stats.fed += len(ids[0])
+                offset = end
+        self.rows = rows
+        self.stats = stats
+        assert logits is not None  # the last span is causal and feeds at least one token
+        return logits, keep, stats.fed
+
+    def _forward(self, ids: list[list[int]], start: int, cache: Cache) -> torch.Tensor:
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        width = input_ids.shape[1]
+        positions = torch.arange(start, start + width, dtype=torch.long, device=self.device).expand(len(ids), -1)
+        kwargs: dict[str, Any] = {self._cache_kwarg: cache}
+        if self._last_only:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=input_ids, position_ids=positions, use_cache=True, **kwargs)
+        return out.logits[:, -1].float()
+
+    def _append_segments(self, spans: list[Span], stats: FeedStats) -> None:
+        """Append one isolated segment per row (from the passage cache, or computed on its own)."""
+        per_row = [self._segment_kv(span, stats) for span in spans]
+        empty = self.cache.get_seq_length() == 0  # the layer would hold the shared tensor itself
+        for layer, pairs in enumerate(zip(*per_row, strict=True)):
+            keys = torch.cat([k for k, _ in pairs]) if len(pairs) > 1 else pairs[0][0]
+            values = torch.cat([v for _, v in pairs]) if len(pairs) > 1 else pairs[0][1]
+            if empty and len(pairs) == 1:
+                keys, values = keys.clone(), values.clone()
+            self.cache.update(keys, values, layer)
+
+    def _segment_kv(self, span: Span, stats: FeedStats) -> LayerKV:
+        key = (self.fingerprint, span.ids, span.start, span.sink)
+        if self.passages is not None:
+            found = self.passages.get(key)
+            if found is not None:
+                stats.segments_reused += 1
+                return found
+        cache = _RoomyCache()
+        skip = 0
+        if span.sink is not None:  # the text's first token, alone at position 0, as the head holds it
+            self._forward([[span.sink]], 0, cache)
+            skip = 1
+        self._forward([list(span.ids)], span.start, cache)
+        kv: LayerKV = tuple(
+            (layer.keys[..., skip:, :].clone(), layer.values[..., skip:, :].clone()) for layer in cache.layers
+        )
+        stats.segments_computed += 1
+        stats.segment_tokens_computed += len(span.ids)
+        if self.passages is not None:
+            self.passages.put(key, kv)
+        return kv
