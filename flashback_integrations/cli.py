@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .bench.speed import MODES as SPEED_MODES
 from .bench.speed import NAMED_CONFIGS
 from .config import FlashBackConfig
 from .devices import DTYPES
@@ -68,7 +69,12 @@ def generate(
     corpus: Annotated[list[Path] | None, typer.Option("--corpus", "-c", help="Text files/folders for BM25.")] = None,
     model: Annotated[str, typer.Option(help="'default', a hub id or a local path.")] = "default",
     adapter: Annotated[str | None, typer.Option(help="FlashBack adapter directory.")] = None,
-    mode: Annotated[str, typer.Option(help="append | prepend | none")] = "append",
+    mode: Annotated[str, typer.Option(help="append | prepend | isolated | none")] = "append",
+    tail_tokens: Annotated[int, typer.Option(help="isolated: history tokens that read the passages.")] = 1,
+    passage_sink: Annotated[
+        bool, typer.Option("--passage-sink/--no-passage-sink", help="isolated: passages also see the first token.")
+    ] = False,
+    block_offset: Annotated[int, typer.Option(help="append: place the block N tokens back (0 = paper).")] = 0,
     stride: Annotated[int, typer.Option(help="Retrieve every N generated tokens.")] = 16,
     query_tokens: Annotated[int, typer.Option(help="Query = text of the last N tokens.")] = 32,
     top_k: Annotated[int, typer.Option(help="Passages per retrieval.")] = 1,
@@ -98,6 +104,9 @@ def generate(
             max_doc_tokens=max_doc_tokens,
             marks=marks,
             on_retrieval_error=on_retrieval_error,
+            tail_tokens=tail_tokens,
+            passage_sink=passage_sink,
+            block_offset=block_offset,
         )  # type: ignore[arg-type]
         retriever = None
         if config.retrieves and collection is not None:
@@ -160,7 +169,7 @@ def demo(
     stride: Annotated[int, typer.Option(help="Retrieve every N tokens.")] = 16,
     persist_dir: PersistDir = None,
 ) -> None:
-    """Answer questions with retrieval over the bundled corpus, then time the three modes."""
+    """Answer questions with retrieval over the bundled corpus, then time each mode."""
     from .store import ChromaRetriever, Embedder, connect, ingest
 
     corpus = sample_corpus_dir()
@@ -198,7 +207,12 @@ def demo(
     )
     for column in ("mode", "seconds", "ms / token", "tokens through the model"):
         table.add_column(column, justify="left" if column == "mode" else "right")
-    for mode in ("append", "prepend", "none"):
+    from .kvcache import uses_rotary_positions
+
+    modes = ("append", "prepend", "none")
+    if uses_rotary_positions(fb.model):
+        modes = ("isolated", *modes)
+    for mode in modes:
         seconds, forwarded = 0.0, 0
         for question, prompt in zip(DEMO_QUESTIONS, prompts, strict=True):
             result = fb.generate(
@@ -216,7 +230,7 @@ def demo(
     console.print(table)
     console.print(
         "[dim]prepend reuses its cache only when the same passage comes back; append keeps the "
-        "input's cache at every retrieval.[/]"
+        "input's cache at every retrieval; isolated keeps it too and reuses each passage's own cache.[/]"
     )
     if fb.mark_ids is None:
         console.print(
@@ -466,7 +480,9 @@ BenchDevice = Annotated[str, typer.Option(help="cpu | cuda")]
 def bench_speed(
     model: BenchModel = "default",
     lengths: Annotated[str, typer.Option(help="Comma-separated total lengths T.")] = "512,1024,2048",
-    modes: Annotated[str, typer.Option(help="Comma-separated modes.")] = "prepend,append,none",
+    modes: Annotated[str, typer.Option(help="Comma-separated modes: " + ", ".join(SPEED_MODES) + ".")] = ",".join(
+        SPEED_MODES
+    ),
     stride: Annotated[int, typer.Option(help="Retrieve every N tokens.")] = 16,
     doc_tokens: Annotated[int, typer.Option(help="Tokens of each random passage.")] = 128,
     prompt_tokens: Annotated[int | None, typer.Option(help="Prompt length (default: min(512, T/4)).")] = None,
@@ -871,7 +887,7 @@ def train(
     val_fraction: Annotated[float, typer.Option(help="With --docs: share of documents for validation.")] = 0.05,
     max_examples: MaxExamples = None,
     model: Annotated[str, typer.Option(help="Base model: 'default', a hub id or a path.")] = "default",
-    layout: Annotated[str, typer.Option(help="append | prepend")] = "append",
+    layout: Annotated[str, typer.Option(help="append | prepend | isolated")] = "append",
     marks: Annotated[bool, typer.Option("--marks/--no-marks", help="Train the two marking tokens.")] = True,
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
     lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
@@ -1013,6 +1029,9 @@ def eval_ppl(
     ] = None,
     prepend_adapter: Annotated[str | None, typer.Option(help="prepend + LoRA + MT adapter.")] = None,
     append_adapter: Annotated[str | None, typer.Option(help="append + LoRA (no marks) adapter.")] = None,
+    isolated_adapter: Annotated[
+        str | None, typer.Option(help="isolated + LoRA + MT adapter (flashback train --layout isolated).")
+    ] = None,
     row: Annotated[list[str] | None, typer.Option("--row", help="Score only these rows (repeatable).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda when available).")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward.")] = 32,
@@ -1029,7 +1048,7 @@ def eval_ppl(
     chroma_host: ChromaHost = None,
     chroma_port: ChromaPort = 8000,
 ) -> None:
-    """Perplexity of no retrieval / prepend / append rows (with and without adapters) on the same targets."""
+    """Perplexity of no retrieval / prepend / append / isolated rows (with and without adapters) on the same targets."""
     from .data import load_examples, save_examples
     from .evaluation import markdown_table, paper_rows, run_eval
     from .model import shipped_adapter
@@ -1067,7 +1086,7 @@ def eval_ppl(
             save_examples(out / f"{stem}.examples.jsonl.gz", ex, {"info": info, "model": model})
         if flashback_adapter is None and model == "default" and shipped_adapter() is not None:
             flashback_adapter = str(shipped_adapter())
-        rows, skipped = paper_rows(flashback_adapter, prepend_adapter, append_adapter)
+        rows, skipped = paper_rows(flashback_adapter, prepend_adapter, append_adapter, isolated_adapter)
         if row:
             unknown = set(row) - {r.name for r in rows} - set(skipped)
             if unknown:

@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import require_positive_ints
 from .errors import ConfigError, RetrievalError
-from .layout import MarkIds, build_context, wrap_block
+from .layout import MarkIds, Span, build_context, build_spans, wrap_block
 from .retrieval import Passage
 
 FORMAT_VERSION = 1
@@ -272,6 +272,12 @@ def example_ids(example: Example, layout: str, marks: MarkIds | None) -> list[in
         raise ConfigError(f"layout must be none, append or prepend, got {layout!r}.")
     block = wrap_block(example.doc, marks)
     return build_context(layout, example.src, example.tgt, 0, block, bos_id=None)
+
+
+def example_spans(example: Example, marks: MarkIds | None, tail_tokens: int = 1) -> list[Span]:
+    """One example in the isolated layout (the engine's :func:`build_spans`): head, passage, tail + target."""
+    block = wrap_block(example.doc, marks)
+    return build_spans("isolated", example.src, example.tgt, 0, [block] if block else [], None, tail_tokens=tail_tokens)
 
 
 def summarize(examples: Sequence[Example]) -> dict[str, Any]:

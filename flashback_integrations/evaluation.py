@@ -31,16 +31,24 @@ class PplRow:
     layout: str
     adapter: str | None = None
     marks: bool = False
+    adapter_layout: str | None = None
+    """The layout the adapter was trained for, when the row scores it in another one on purpose."""
 
     def __post_init__(self) -> None:
-        if self.layout not in ("none", "append", "prepend"):
-            raise ConfigError(f"row {self.name!r}: layout must be none, append or prepend, got {self.layout!r}.")
+        if self.layout not in ("none", "append", "prepend", "isolated"):
+            raise ConfigError(
+                f"row {self.name!r}: layout must be none, append, prepend or isolated, got {self.layout!r}."
+            )
 
 
 def paper_rows(
-    flashback_adapter: str | None, prepend_adapter: str | None, append_adapter: str | None
+    flashback_adapter: str | None,
+    prepend_adapter: str | None,
+    append_adapter: str | None,
+    isolated_adapter: str | None = None,
 ) -> tuple[list[PplRow], list[str]]:
-    """The issue's six rows; rows whose adapter is not given are returned by name as skipped."""
+    """The paper's six rows and the isolated layout's; rows whose adapter is not given are returned by
+    name as skipped."""
     rows = [
         PplRow("no retrieval", "none"),
         PplRow("prepend", "prepend"),
@@ -48,8 +56,17 @@ def paper_rows(
         PplRow("append", "append"),
         PplRow("append + LoRA", "append", append_adapter, False),
         PplRow("append + LoRA + MT (FlashBack)", "append", flashback_adapter, True),
+        PplRow("isolated (untrained)", "isolated"),
+        PplRow("isolated + prepend adapter", "isolated", prepend_adapter, True, adapter_layout="prepend"),
+        PplRow("isolated + adapter", "isolated", isolated_adapter, True),
     ]
-    needs = {"prepend + LoRA + MT", "append + LoRA", "append + LoRA + MT (FlashBack)"}
+    needs = {
+        "prepend + LoRA + MT",
+        "append + LoRA",
+        "append + LoRA + MT (FlashBack)",
+        "isolated + prepend adapter",
+        "isolated + adapter",
+    }
     kept = [r for r in rows if r.name not in needs or r.adapter]
     skipped = [r.name for r in rows if r.name in needs and not r.adapter]
     return kept, skipped
@@ -67,10 +84,12 @@ def check_row_adapters(rows: Sequence[PplRow]) -> None:
         mode, marks = manifest.flashback_config.get("mode"), manifest.flashback_config.get("marks")
         if marks is None and manifest.mark_token_ids:  # settings left open, but the marks were trained
             marks = True
-        if mode is not None and mode != row.layout:
+        expected = row.adapter_layout or row.layout
+        if mode is not None and mode != expected:
             raise ConfigError(
-                f"row {row.name!r} scores the {row.layout} layout but adapter {row.adapter} was trained for "
-                f"{mode}; pass one from `flashback train --layout {row.layout}` (see its flashback_adapter.json)."
+                f"row {row.name!r} needs an adapter trained for the {expected} layout but adapter {row.adapter} "
+                f"was trained for {mode}; pass one from `flashback train --layout {expected}` "
+                "(see its flashback_adapter.json)."
             )
         if marks is not None and bool(marks) != row.marks:
             raise ConfigError(

@@ -32,6 +32,9 @@ class FlashBackSettings(BaseModel):
     marks: bool | None = None
     on_retrieval_error: str = "raise"
     retrieval_timeout: float | None = None
+    tail_tokens: int = 1
+    passage_sink: bool = False
+    block_offset: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -66,6 +69,9 @@ class FlashBackSettings(BaseModel):
             marks=self.marks,
             on_retrieval_error=self.on_retrieval_error,  # type: ignore[arg-type]
             retrieval_timeout=self.retrieval_timeout,
+            tail_tokens=self.tail_tokens,
+            passage_sink=self.passage_sink,
+            block_offset=self.block_offset,
         )
 
     def flashback(self) -> FlashBackModel:

@@ -26,10 +26,10 @@ import torch
 
 from .adapter import AdapterManifest, add_mark_tokens, base_fingerprint, save_adapter
 from .config import FlashBackConfig, require_positive_ints
-from .data import Example, ExampleSettings, example_ids, summarize
+from .data import Example, ExampleSettings, example_ids, example_spans, summarize
 from .devices import resolve_device
 from .errors import ConfigError
-from .layout import MarkIds, find_mark_ids
+from .layout import MarkIds, Span, find_mark_ids
 
 # Attention and MLP projections per architecture (PEFT's "all-linear" minus the output head,
 # spelled out so the choice is visible in the adapter config).
@@ -77,8 +77,8 @@ class TrainConfig:
     max_minutes: float | None = None
 
     def __post_init__(self) -> None:
-        if self.layout not in ("append", "prepend"):
-            raise ConfigError(f"layout must be 'append' or 'prepend', got {self.layout!r}.")
+        if self.layout not in ("append", "prepend", "isolated"):
+            raise ConfigError(f"layout must be 'append', 'prepend' or 'isolated', got {self.layout!r}.")
         require_positive_ints(
             self, ("lora_r", "lora_alpha", "steps", "batch_size", "micro_batch_size", "eval_every", "save_every")
         )
@@ -117,6 +117,42 @@ def collate(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | s
     }
 
 
+def collate_spans(
+    contexts: Sequence[Sequence[Span]], pad_id: int, device: torch.device | str
+) -> dict[str, torch.Tensor]:
+    """Left-padded ids, the spans' own position ids and a 4D mask: a causal span attends to everything
+    before it, an isolated one to itself (and its sink, the first text token) only."""
+    width = max(sum(len(s.ids) for s in spans) for spans in contexts)
+    n = len(contexts)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    group = torch.full((n, width), -2, dtype=torch.long)  # -2 padding, -1 text, i >= 0 segment i
+    sink_at = torch.full((n,), -1, dtype=torch.long)
+    for row, spans in enumerate(contexts):
+        at = width - sum(len(s.ids) for s in spans)
+        for index, span in enumerate(spans):
+            end = at + len(span.ids)
+            input_ids[row, at:end] = torch.tensor(span.ids, dtype=torch.long)
+            positions[row, at:end] = torch.arange(span.start, span.start + len(span.ids))
+            group[row, at:end] = index if span.isolated else -1
+            if not span.isolated and sink_at[row] < 0:
+                sink_at[row] = at
+            at = end
+        if any(s.isolated and s.sink is not None for s in spans) and sink_at[row] < 0:
+            raise ConfigError("a passage sink needs a text token in the same context")
+    q = torch.arange(width)
+    causal = q[None, :, None] >= q[None, None, :]
+    gq, gk = group[:, :, None], group[:, None, :]
+    text = (gq == -1) & (gk != -2) & causal
+    own = (gq >= 0) & (gq == gk) & causal
+    sinks = torch.tensor([any(s.isolated and s.sink is not None for s in spans) for spans in contexts])
+    sink = (gq >= 0) & sinks[:, None, None] & (q[None, None, :] == sink_at[:, None, None])
+    pad_self = (gq == -2) & (q[None, :, None] == q[None, None, :])  # no all-masked rows
+    allowed = (text | own | sink | pad_self)[:, None]
+    mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
+
+
 def target_nll(
     model: Any,
     examples: Sequence[Example],
@@ -125,6 +161,7 @@ def target_nll(
     pad_id: int,
     excluded_ids: Sequence[int] = (),
     autocast: bool = False,
+    tail_tokens: int = 1,
 ) -> torch.Tensor:
     """Negative log-likelihood of every target token, shape (examples, target_tokens).
 
@@ -135,7 +172,10 @@ def target_nll(
     if any(len(e.tgt) != n_tgt for e in examples):
         raise ConfigError("All examples in a batch must have targets of the same length.")
     device = next(model.parameters()).device
-    batch = collate([example_ids(e, layout, marks) for e in examples], pad_id, device)
+    if layout == "isolated":
+        batch = collate_spans([example_spans(e, marks, tail_tokens) for e in examples], pad_id, device)
+    else:
+        batch = collate([example_ids(e, layout, marks) for e in examples], pad_id, device)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
         logits = model(**batch, logits_to_keep=n_tgt + 1, use_cache=False).logits[:, :-1].float()
     if excluded_ids:

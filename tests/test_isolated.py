@@ -359,3 +359,30 @@ def test_bad_passage_cache_size(size) -> None:
     model, tok = make_model("llama", marks=False)
     with pytest.raises(ConfigError, match="passage_cache_bytes"):
         FlashBackModel(model, tok, passage_cache_bytes=size)
+
+
+@pytest.mark.parametrize("arch", ("llama", "gemma"))
+def test_scoring_and_training_layout_equals_what_generation_serves(arch: str) -> None:
+    """``target_nll(layout='isolated')`` (one padded, masked batch) equals the engine's cached logits."""
+    from flashback_integrations.data import Example, example_spans
+    from flashback_integrations.kvcache import KVContext
+    from flashback_integrations.layout import find_mark_ids
+    from flashback_integrations.training import target_nll
+
+    model, tok = make_model(arch, marks=True, seed=5)
+    marks = find_mark_ids(tok)
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(n: int) -> list[int]:
+        return (torch.randint(5, len(tok) - 3, (n,), generator=gen)).tolist()
+
+    examples = [Example("a", 0, rand(20), rand(7), rand(5)), Example("b", 0, rand(13), rand(4), rand(5))]
+    examples.append(Example("c", 0, rand(9), [], rand(5)))  # no passage: plain text
+    nll = target_nll(model, examples, "isolated", marks, tok.pad_token_id, tail_tokens=3)
+    for e, row in zip(examples, nll, strict=True):
+        kv = KVContext(model)
+        for i, target in enumerate(e.tgt):
+            spans = example_spans(Example(e.source, 0, e.src, e.doc, e.tgt[:i]), marks, 3)
+            logits = kv.next_logits(spans)[0]
+            expected = torch.nn.functional.cross_entropy(logits[None], torch.tensor([target]))
+            assert row[i].item() == pytest.approx(expected.item(), abs=1e-4)

@@ -368,8 +368,14 @@ def test_bootstrap_intervals_and_paired_ratios() -> None:
 
 def test_paper_rows_name_what_is_skipped() -> None:
     rows, skipped = paper_rows("fb", None, None)
-    assert [r.name for r in rows] == ["no retrieval", "prepend", "append", "append + LoRA + MT (FlashBack)"]
-    assert skipped == ["prepend + LoRA + MT", "append + LoRA"]
+    assert [r.name for r in rows] == [
+        "no retrieval",
+        "prepend",
+        "append",
+        "append + LoRA + MT (FlashBack)",
+        "isolated (untrained)",
+    ]
+    assert skipped == ["prepend + LoRA + MT", "append + LoRA", "isolated + prepend adapter", "isolated + adapter"]
 
 
 def test_eval_scores_every_row_on_the_same_tokens_and_resumes(base_dir, examples, tmp_path, monkeypatch) -> None:

@@ -65,7 +65,9 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
         "word_embed_proj_dim": 4096,
     },
 }
-MODES = ("prepend", "append", "none")
+MODES = ("prepend", "append", "isolated", "isolated-warm", "none")
+WARM_POOL = 4
+"""isolated-warm draws its passages from this many (a corpus repeats itself); isolated is cold (always new)."""
 
 
 @dataclass
@@ -198,11 +200,16 @@ def run_case(case: SpeedCase, fb: Any = None) -> dict[str, Any]:
     load_s = time.perf_counter() - load_started
     random_ids = random_id_source(fb, case.seed)
 
+    pool = [tuple(random_ids(case.doc_tokens)) for _ in range(WARM_POOL)]
+    drawn = iter(range(1 << 62))
+
     def retriever(query: str, k: int) -> list[Passage]:
+        if case.mode == "isolated-warm":
+            return [Passage(text="", token_ids=pool[next(drawn) % WARM_POOL])]
         return [Passage(text="", token_ids=tuple(random_ids(case.doc_tokens)))]
 
     config = FlashBackConfig(
-        mode=case.mode,
+        mode="isolated" if case.mode == "isolated-warm" else case.mode,
         stride=case.stride,
         top_k=1,
         max_doc_tokens=case.doc_tokens,  # type: ignore[arg-type]
@@ -328,6 +335,12 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
             row["prepend_over_append"] = round(modes["prepend"]["median_s"] / modes["append"]["median_s"], 2)
         if "none" in modes and "append" in modes:
             row["append_over_none"] = round(modes["append"]["median_s"] / modes["none"]["median_s"], 3)
+        for iso in ("isolated", "isolated-warm"):
+            key = iso.replace("-", "_")
+            if iso in modes and "none" in modes:
+                row[f"{key}_over_none"] = round(modes[iso]["median_s"] / modes["none"]["median_s"], 3)
+            if iso in modes and "append" in modes:
+                row[f"append_over_{key}"] = round(modes["append"]["median_s"] / modes[iso]["median_s"], 3)
         speedups[str(total)] = row
     return {"runs": results, "speedups": speedups}
 
@@ -342,6 +355,8 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     labels = {
         "prepend": "prepend (In-Context RALM, recompute)",
         "append": "append (FlashBack)",
+        "isolated": "isolated, cold (a new passage each time)",
+        "isolated-warm": f"isolated, warm ({WARM_POOL} passages recur)",
         "none": "plain cached decoding (floor)",
     }
     for mode in MODES:

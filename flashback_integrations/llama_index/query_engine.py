@@ -40,7 +40,7 @@ class FlashBackQueryEngine(BaseQueryEngine):
         if llm.flashback_config().mode == "none":
             raise ValueError(
                 "FlashBackQueryEngine retrieves during generation; give it an llm with mode "
-                "'append' (or 'prepend' for comparison), not 'none'."
+                "'isolated' or 'append' (or 'prepend' for comparison), not 'none'."
             )
         self._llm = llm.model_copy(update={"retriever": retriever})
         self._retriever = retriever
