@@ -174,6 +174,12 @@ def uses_rotary_positions(model: Any) -> bool:
     return any("rotary" in type(m).__name__.lower() for m in model.modules())
 
 
+def takes_custom_masks(model: Any) -> bool:
+    """One forward per isolated retrieval needs a custom 4D mask: sdpa and eager attention take one
+    (flash-attention kernels do not; there the head rest and the tail are two forwards)."""
+    return getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
 @dataclass
 class FeedStats:
     """What the last ``next_logits`` call cost: causal tokens fed, and the segments it needed."""
@@ -228,6 +234,8 @@ class KVContext:
         self.passages = passages
         self.fingerprint = fingerprint if fingerprint is not None or passages is None else weights_fingerprint(model)
         self.stats = FeedStats()
+        self._displaced: tuple[int, int, int] | None = None
+        self._merge = takes_custom_masks(model)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         params = inspect.signature(base.forward).parameters
         self._last_only = "logits_to_keep" in params
@@ -256,42 +264,98 @@ class KVContext:
         if rows[0][-1].isolated:
             raise ValueError("a context must end in a causal span (the tokens that predict)")
         width = sum(n for n, *_ in shape)
-        held = sum(len(s.ids) for s in self.rows[0]) if self.rows else 0
         keep = (
             0
             if len(self.rows) != len(rows)
             else min(width - 1, *(_shared(h, r) for h, r in zip(self.rows, rows, strict=True)))
         )
-        if keep == 0:
-            self.cache = _RoomyCache()
-        elif keep < held:
-            self.cache.crop(keep - held)  # transformers 5: a negative count to remove
+        self._crop(keep)
         stats = FeedStats(kept=keep)
         self.rows = []  # keep the spans in step with the cache even if a forward fails half-way
         logits = None
         offset = 0
+        spans = rows[0]
         with torch.no_grad():
-            for i, span in enumerate(rows[0]):
+            i = 0
+            while i < len(spans):
+                span = spans[i]
                 end = offset + len(span.ids)
-                if end > keep:
-                    if span.isolated:
-                        self._append_segments([r[i] for r in rows], stats)
-                    else:
-                        skip = max(0, keep - offset)
-                        ids = [list(r[i].ids[skip:]) for r in rows]
-                        logits = self._forward(ids, span.start + skip, self.cache)
-                        stats.fed += len(ids[0])
-                offset = end
+                if end <= keep:
+                    offset, i = end, i + 1
+                    continue
+                if span.isolated:
+                    self._append_segments([r[i] for r in rows], stats)
+                    offset, i = end, i + 1
+                    continue
+                skip = max(0, keep - offset)
+                ids = [list(r[i].ids[skip:]) for r in rows]
+                if self._merge and i + 2 < len(spans) and all(s.isolated for s in spans[i + 1 : -1]):
+                    # head rest, segments, tail: the segments first, then head rest + tail in ONE forward
+                    # whose head rows do not see the segments (their KV is the head's); the head rest then
+                    # sits after the segments in the cache until the next crop moves it back
+                    segments = len(spans) - 2 - i
+                    for j in range(i + 1, i + 1 + segments):
+                        self._append_segments([r[j] for r in rows], stats)
+                    seg_tokens = sum(len(s.ids) for s in spans[i + 1 : -1])
+                    tail = [list(r[-1].ids) for r in rows]
+                    logits = self._forward(
+                        [a + b for a, b in zip(ids, tail, strict=True)],
+                        span.start + skip,
+                        self.cache,
+                        blind=(len(ids[0]), seg_tokens),
+                    )
+                    self._displaced = (end - len(ids[0]), len(ids[0]), end - len(ids[0]) + seg_tokens)
+                    stats.fed += len(ids[0]) + len(tail[0])
+                    break
+                logits = self._forward(ids, span.start + skip, self.cache)
+                stats.fed += len(ids[0])
+                offset, i = end, i + 1
         self.rows = rows
         self.stats = stats
         assert logits is not None  # the last span is causal and feeds at least one token
         return logits, keep, stats.fed
 
-    def _forward(self, ids: list[list[int]], start: int, cache: Cache) -> torch.Tensor:
+    def _crop(self, keep: int) -> None:
+        """Keep the first ``keep`` tokens of the context (in context order) in the cache."""
+        held = self.cache.get_seq_length() if self.rows else 0
+        moved = self._displaced
+        self._displaced = None
+        if keep == 0 or not self.rows:
+            self.cache = _RoomyCache()
+            return
+        if moved is not None:
+            start, count, at = moved  # context tokens start..start+count are in the cache at at..at+count
+            if keep <= start or keep >= at + count:
+                self._displaced = moved if keep >= at + count else None
+            else:  # bring the kept part of the head rest back in front of the segments
+                n = keep - start
+                for layer in self.cache.layers:
+                    for t in (layer.keys, layer.values):
+                        t[..., start : start + n, :] = t[..., at : at + n, :].clone()
+        if keep < held:
+            self.cache.crop(keep - held)  # transformers 5: a negative count to remove
+
+    def _forward(
+        self, ids: list[list[int]], start: int, cache: Cache, blind: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Feed ``ids`` at positions from ``start``; with ``blind=(n, m)`` the first ``n`` of them do not
+        attend to the last ``m`` cached tokens (the segments just appended)."""
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         width = input_ids.shape[1]
         positions = torch.arange(start, start + width, dtype=torch.long, device=self.device).expand(len(ids), -1)
         kwargs: dict[str, Any] = {self._cache_kwarg: cache}
+        if blind is not None:
+            n, m = blind
+            past = cache.get_seq_length()
+            dtype = self.model.dtype
+            kv = torch.arange(past + width, device=self.device)
+            q = torch.arange(width, device=self.device)[:, None] + past
+            allowed = kv[None, :] <= q
+            allowed[:n, past - m : past] = False
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )
+            kwargs["attention_mask"] = mask[None, None].expand(len(ids), 1, -1, -1)
         if self._last_only:
             kwargs["logits_to_keep"] = 1
         out = self.model(input_ids=input_ids, position_ids=positions, use_cache=True, **kwargs)

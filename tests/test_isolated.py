@@ -161,6 +161,36 @@ def test_isolated_cache_arithmetic(fb: FlashBackModel) -> None:
         assert r.segments_computed + r.segments_reused == 1
 
 
+@pytest.mark.parametrize("merged", (True, False))
+def test_a_warm_retrieval_is_one_forward_or_two_without_custom_masks(fb: FlashBackModel, merged, monkeypatch) -> None:
+    """Merged: the s head tokens and the t tail tokens in one forward (head rows blind to the segments);
+    attention kernels without custom masks get two forwards; both exact (logits checked per token)."""
+    import flashback_integrations.kvcache as kvcache
+
+    if not merged:
+        monkeypatch.setattr(kvcache, "takes_custom_masks", lambda model: False)
+    calls: list[int] = []
+    handle = fb.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    config = FlashBackConfig(
+        mode="isolated", tail_tokens=3, stride=4, marks=True, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC
+    )
+    try:
+        run_and_check(fb, config, 14)  # cold, then warm (segments from the cache): exact both times
+        calls.clear()
+        out = fb.generate(PROMPT, HashRetriever(), config=config, max_new_tokens=14, ignore_eos=True)
+    finally:
+        handle.remove()
+    assert all(r.segments_computed == 0 for r in out.retrievals)
+    later = len(out.retrievals) - 1
+    # step 0: head + tail (one forward merged); each later retrieval s + t; every other step one token
+    expected = (1 if merged else 2) + (later * (1 if merged else 2)) + (14 - 1 - later)
+    assert len(calls) == expected
+    if merged:
+        assert sorted(set(calls) - {1}) == sorted({4 + 3, len(fb.tokenizer(PROMPT).input_ids)})
+
+
 def test_history_shorter_than_tail_makes_the_head_empty(fb: FlashBackModel) -> None:
     config = FlashBackConfig(
         mode="isolated", tail_tokens=40, stride=4, marks=True, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC
