@@ -688,7 +688,10 @@ def bench_forward(
         "re-feed ms",
         "recompute ms",
         "re-feed/decode",
+        "isolated warm/decode",
+        "isolated cold/decode",
         "append/none (pred.)",
+        "isolated warm/none (pred.)",
         "prepend/append (pred.)",
     ):
         table.add_column(column, justify="right")
@@ -699,7 +702,10 @@ def bench_forward(
             f"{r['refeed_ms']:.1f}",
             f"{r['recompute_ms']:.1f}",
             f"{r['refeed_over_decode']:.2f}",
+            f"{r['isolated_warm_over_decode']:.2f}",
+            f"{r['isolated_cold_over_decode']:.2f}",
             f"{r['predicted_append_over_none']:.3f}",
+            f"{r['predicted_isolated_warm_over_none']:.3f}",
             f"{r['predicted_prepend_over_append']:.2f}",
         )
     console.print(table)
@@ -707,7 +713,8 @@ def bench_forward(
         secs = ", ".join(f"{mode} {s:.1f} s" for mode, s in p["predicted_s"].items())
         console.print(
             f"predicted `bench speed` T={p['total_tokens']} (prompt {p['prompt_tokens']}, {p['gen_tokens']} "
-            f"generated): {secs}; prepend/append {p['prepend_over_append']}x, append/none {p['append_over_none']}"
+            f"generated): {secs}; prepend/append {p['prepend_over_append']}x, append/none {p['append_over_none']}; "
+            f"isolated/none warm {p['isolated_warm_over_none']}, cold {p['isolated_cold_over_none']}"
         )
     console.print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
 

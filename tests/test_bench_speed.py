@@ -37,7 +37,7 @@ def test_speed_benchmark_writes_json_and_plot(tmp_path) -> None:
     )
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "out" / "t.json").read_text())
-    assert len(data["runs"]) == 6 and set(data["speedups"]) == {"64", "96"}
+    assert len(data["runs"]) == 10 and set(data["speedups"]) == {"64", "96"}
     by = {(r["mode"], r["total_tokens"]): r for r in data["runs"]}
     for total in (64, 96):
         # the cost model: prepend recomputes the context, append only the tail, none nothing
@@ -47,6 +47,11 @@ def test_speed_benchmark_writes_json_and_plot(tmp_path) -> None:
             > by["none", total]["forward_tokens"]
         )
         assert len(by["append", total]["seconds"]) == 2
+        # isolated, warm: passages recur, so only s + t ids per retrieval go through the model
+        assert by["append", total]["forward_tokens"] > by["isolated-warm", total]["forward_tokens"]
+        assert by["isolated-warm", total]["forward_tokens"] > by["none", total]["forward_tokens"]
+        assert by["isolated", total]["forward_tokens"] > by["isolated-warm", total]["forward_tokens"]
+        assert "isolated_warm_over_none" in data["speedups"][str(total)]
     assert (tmp_path / "out" / "t.png").stat().st_size > 1000
 
 
@@ -73,12 +78,15 @@ def test_forward_costs_time_the_three_forwards_of_a_cycle(tmp_path, monkeypatch)
     """Decode feeds 1 id after T-1 kept, append's re-feed stride + doc after T - stride - doc, prepend all T."""
     from flashback_integrations.engine import KVContext
 
+    from flashback_integrations.layout import Span
+
     fed: list[tuple[int, int, int]] = []  # (rows, kept, fed) of every forward
+    isolated: list[tuple[int, int, int]] = []  # the same for the isolated layout's cycles
     original = KVContext.next_logits_rows
 
     def spy(self, ctxs):
         logits, keep, n = original(self, ctxs)
-        fed.append((len(ctxs), keep, n))
+        (isolated if isinstance(ctxs[0][0], Span) else fed).append((len(ctxs), keep, n))
         return logits, keep, n
 
     monkeypatch.setattr(KVContext, "next_logits_rows", spy)
@@ -99,6 +107,12 @@ def test_forward_costs_time_the_three_forwards_of_a_cycle(tmp_path, monkeypatch)
     assert fed[1:4] == [(2, 39, 1), (2, 40 - 12, 12), (2, 0, 40)]
     assert set(fed[1:10]) == {(2, 39, 1), (2, 28, 12), (2, 0, 40)} and fed[10] == (2, 0, 63)
     assert set(fed[11:]) == {(2, 63, 1), (2, 52, 12), (2, 0, 64)} and len(fed) == 17
+    # isolated, per length and setting (warm, cold): the stride so far, then the timed retrieval, which
+    # keeps the previous head (T - doc - stride - 1 at first) and feeds stride + 1 ids in one forward
+    assert len(isolated) == 2 * 2 * (3 + 2) and isolated[1] == (2, 40 - 8 - 4 - 1, 5)
+    assert all(n == 5 for _, _, n in isolated[1::2])
+    for r in runs:
+        assert r["isolated_warm_ms"] > 0 and r["isolated_cold_ms"] > 0 and 0 < r["predicted_isolated_warm_over_none"]
     assert (tmp_path / "out" / "f.png").stat().st_size > 1000
     predicted = json.loads((tmp_path / "out" / "f.json").read_text())["predicted_runs"]
     assert [(p["total_tokens"], p["prompt_tokens"], p["gen_tokens"]) for p in predicted] == [(40, 10, 22), (64, 16, 40)]

@@ -422,7 +422,17 @@ def forward_costs(
         base = rows(total - 1)
         kv = KVContext(fb.model)
         kv.next_logits_rows(base)
-        samples: dict[str, list[float]] = {"decode": [], "refeed": [], "recompute": []}
+        samples: dict[str, list[float]] = {
+            "decode": [],
+            "refeed": [],
+            "recompute": [],
+            "isolated_warm": [],
+            "isolated_cold": [],
+        }
+        for name, ms_list in isolated_costs(
+            fb, total, stride, doc_tokens, batch_size, repeats + (i == 0), seed
+        ).items():
+            samples[name] = ms_list[1:] if i == 0 else ms_list
         for rep in range(repeats + (1 if i == 0 else 0)):  # one warm-up round before the first length
             refeed = [b[: total - tail] + r for b, r in zip(base, rows(tail), strict=True)]
             got = {
@@ -436,6 +446,7 @@ def forward_costs(
                     samples[name].append(ms)
         ms = {name: statistics.median(v) for name, v in samples.items()}
         x, y = ms["refeed"] / ms["decode"], ms["recompute"] / ms["decode"]
+        warm, cold = ms["isolated_warm"] / ms["decode"], ms["isolated_cold"] / ms["decode"]
         results.append(
             {
                 "total_tokens": total,
@@ -449,9 +460,52 @@ def forward_costs(
                 # a cycle at length T: stride - 1 decode steps plus the retrieval forward
                 "predicted_append_over_none": round((stride - 1 + x) / stride, 3),
                 "predicted_prepend_over_append": round((stride - 1 + y) / (stride - 1 + x), 2),
+                "isolated_warm_over_decode": round(warm, 2),
+                "isolated_cold_over_decode": round(cold, 2),
+                "predicted_isolated_warm_over_none": round((stride - 1 + warm) / stride, 3),
+                "predicted_isolated_cold_over_none": round((stride - 1 + cold) / stride, 3),
             }
         )
     return results
+
+
+def isolated_costs(
+    fb: Any, total: int, stride: int, doc_tokens: int, batch_size: int, repeats: int, seed: int, tail: int = 1
+) -> dict[str, list[float]]:
+    """Milliseconds of one isolated-layout retrieval at context length ``total`` through ``KVContext``,
+    from the state the previous retrieval left (head, passage, ``tail + stride - 1`` tail ids)."""
+    import torch
+
+    from ..engine import KVContext
+    from ..kvcache import PassageKVCache
+    from ..layout import Span
+
+    cuda = next(fb.model.parameters()).device.type == "cuda"
+    random_ids = random_id_source(fb, seed + 1)
+    out: dict[str, list[float]] = {"isolated_warm": [], "isolated_cold": []}
+
+    def spans(history: list[int], seg: tuple[int, ...], cut: int) -> list[Span]:
+        return [Span(tuple(history[:cut])), Span(seg, -len(seg), True), Span(tuple(history[cut:]))]
+
+    for name in out:
+        kv = KVContext(fb.model, PassageKVCache(), fingerprint=0)
+        hist = [random_ids(total - doc_tokens - stride) for _ in range(batch_size)]
+        segs = [tuple(random_ids(doc_tokens)) for _ in range(batch_size)]
+        for _ in range(repeats):
+            new = [h + random_ids(stride) for h in hist]
+            cut = len(hist[0]) - tail
+            kv.next_logits_rows([spans(h[:-1], s, cut) for h, s in zip(new, segs, strict=True)])  # the stride so far
+            if name == "isolated_cold":
+                segs = [tuple(random_ids(doc_tokens)) for _ in range(batch_size)]
+            if cuda:
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            kv.next_logits_rows([spans(h, s, len(h) - tail) for h, s in zip(new, segs, strict=True)])
+            if cuda:
+                torch.cuda.synchronize()
+            out[name].append(1000 * (time.perf_counter() - started))
+            hist = new
+    return out
 
 
 def _cost_at(results: list[dict[str, Any]], key: str, length: float) -> float:
@@ -483,16 +537,20 @@ def predict_runs(
     for total in totals:
         prompt, gen = plan_lengths(total, doc, prompt_tokens, gen_tokens)
         none = _cost_at(results, "recompute_ms", prompt)
-        append = prepend = _cost_at(results, "recompute_ms", prompt + doc)
+        append = prepend = warm = cold = _cost_at(results, "recompute_ms", prompt + doc)
+        has_isolated = all("isolated_warm_ms" in r for r in results)
         for i in range(1, gen):
             none += _cost_at(results, "decode_ms", prompt + i)
             length = prompt + doc + i
             if i % stride:
                 step = _cost_at(results, "decode_ms", length)
-                append, prepend = append + step, prepend + step
+                append, prepend, warm, cold = append + step, prepend + step, warm + step, cold + step
             else:
                 append += refeed_ms if refeed_ms is not None else _cost_at(results, "refeed_ms", length)
                 prepend += _cost_at(results, "recompute_ms", length)
+                if has_isolated:
+                    warm += _cost_at(results, "isolated_warm_ms", length)
+                    cold += _cost_at(results, "isolated_cold_ms", length)
         predicted.append(
             {
                 "total_tokens": total,
@@ -503,6 +561,15 @@ def predict_runs(
                 },
                 "prepend_over_append": round(prepend / append, 2),
                 "append_over_none": round(append / none, 3),
+                **(
+                    {
+                        "isolated_predicted_s": {"warm": round(warm / 1000, 2), "cold": round(cold / 1000, 2)},
+                        "isolated_warm_over_none": round(warm / none, 3),
+                        "isolated_cold_over_none": round(cold / none, 3),
+                    }
+                    if has_isolated
+                    else {}
+                ),
             }
         )
     return predicted
@@ -520,9 +587,12 @@ def plot_forward_costs(results: list[dict[str, Any]], path: Path, title: str) ->
     for key, label in (
         ("recompute_ms", "prepend retrieval: recompute all T ids"),
         ("refeed_ms", f"append retrieval: re-feed {tail} ids"),
+        ("isolated_cold_ms", "isolated retrieval, cold (new passage)"),
+        ("isolated_warm_ms", "isolated retrieval, warm (passage cached)"),
         ("decode_ms", "decode step: 1 id"),
     ):
-        ax.plot(lengths, [r[key] for r in results], marker="o", label=label)
+        if all(key in r for r in results):
+            ax.plot(lengths, [r[key] for r in results], marker="o", label=label)
     for r in results:
         ax.annotate(
             f"{r['refeed_over_decode']}x",
