@@ -201,3 +201,20 @@ def test_per_call_options_override_and_unknown_ones_fail(llm, fb) -> None:
 def test_langchain_base_initialisation_is_kept(tiny_path) -> None:
     chat = ChatFlashBack(model=tiny_path, **SETTINGS)
     assert "langchain-core" in (chat.metadata or {}).get("lc_versions", {})
+
+
+def test_chat_model_in_the_isolated_layout_reports_what_each_retrieval_cost(tiny_path, fb) -> None:
+    chat = ChatFlashBack(model=tiny_path, retriever=HashRetriever(), mode="isolated", tail_tokens=2, **SETTINGS)
+    handler = FlashBackCallbackHandler()
+    message = chat.invoke([HumanMessage("The json module")], config={"callbacks": [handler]})
+    ids = fb.chat_ids([{"role": "user", "content": "The json module"}])
+    expected = fb.generate(
+        ids, HashRetriever(), config=CONFIG.replace(mode="isolated", tail_tokens=2), max_new_tokens=10
+    )
+    assert message.content == expected.text
+    assert [r["step"] for r in handler.retrievals] == [0, 4, 8]
+    assert all(r["segments_computed"] + r["segments_reused"] == 1 for r in handler.retrievals)
+    assert all(r["prefill_tokens"] == 4 + 2 for r in handler.retrievals[1:])
+    assert "".join(c.content for c in chat.stream([HumanMessage("The json module")])) == expected.text
+    with pytest.raises(ValueError, match="tail_tokens"):
+        ChatFlashBack(model=tiny_path, mode="isolated", tail_tokens=0)

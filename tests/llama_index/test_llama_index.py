@@ -167,3 +167,16 @@ def test_legacy_callback_manager_sees_retrieve_events(tiny_path) -> None:
 def test_query_engine_refuses_mode_none(tiny_path, index) -> None:
     with pytest.raises(ValueError, match="mode"):
         FlashBackQueryEngine(retriever=index.as_retriever(), llm=FlashBackLLM(model=tiny_path, mode="none"))
+
+
+def test_query_engine_in_the_isolated_layout(tiny_path, index, fb, capture) -> None:
+    retriever = index.as_retriever(similarity_top_k=2)
+    llm = FlashBackLLM(model=tiny_path, top_k=2, mode="isolated", **SETTINGS)
+    response = FlashBackQueryEngine(retriever=retriever, llm=llm).query("How do I pretty-print JSON?")
+    ids = fb.chat_ids([{"role": "user", "content": "How do I pretty-print JSON?"}])
+    config = CONFIG.replace(top_k=2, mode="isolated")
+    expected = fb.generate(ids, retriever, config=config, max_new_tokens=10, first_query="How do I pretty-print JSON?")
+    assert response.response == expected.text
+    events = [e for e in capture.events if isinstance(e, FlashBackRetrievalEvent)]
+    assert [e.step for e in events] == [0, 4, 8]
+    assert all(e.segments_computed + e.segments_reused == 2 for e in events)
