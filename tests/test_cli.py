@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tiny import make_model
+from tiny import make_model, save_tiny_chat_model
 from typer.testing import CliRunner
 
 from flashback_integrations.cli import app, sample_corpus_dir
@@ -80,3 +80,19 @@ def test_bad_settings_exit_2_with_the_reason(tiny_dir) -> None:
 def test_sample_corpus_is_packaged() -> None:
     files = sorted(p.name for p in sample_corpus_dir().glob("*.txt"))
     assert "json.txt" in files and len(files) >= 6
+
+
+def test_generate_in_the_isolated_layout_and_its_refusals(tiny_dir, tmp_path) -> None:
+    args = ["generate", "The json module", "--model", str(tiny_dir), "--stride", "4", "--max-new-tokens", "9"]
+    result = runner.invoke(app, [*args, "--mode", "isolated", "--tail-tokens", "2", "--max-doc-tokens", "16"])
+    assert result.exit_code == 0, result.output
+    assert "retrieval @ token 4" in result.output and "recomputed 6, passages" in result.output
+    bad = runner.invoke(app, [*args, "--mode", "isolated", "--tail-tokens", "0"])
+    assert bad.exit_code == 2 and "tail_tokens" in bad.output
+    bad = runner.invoke(app, [*args, "--mode", "prepend", "--block-offset", "3"])
+    assert bad.exit_code == 2 and "block_offset" in bad.output
+    gpt2 = save_tiny_chat_model(tmp_path / "gpt2", arch="gpt2")
+    bad = runner.invoke(app, [*args[:2], "--model", gpt2, "--mode", "isolated", "--max-new-tokens", "3"])
+    assert bad.exit_code == 2 and "rotary" in bad.output and "Traceback" not in bad.output
+    ok = runner.invoke(app, [*args, "--mode", "append", "--block-offset", "3", "--max-doc-tokens", "16"])
+    assert ok.exit_code == 0, ok.output
