@@ -136,6 +136,12 @@ class PassageKVCache:
             self.hits += 1
             return entry[0]
 
+    def peek(self, key: Hashable) -> LayerKV | None:
+        """Whether ``key`` is held (no hit/miss counted, no reordering): the caller then calls ``get``."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry[0]
+
     def put(self, key: Hashable, kv: LayerKV) -> None:
         size = _kv_bytes(kv)
         if size > self.max_bytes:
@@ -214,6 +220,10 @@ def _shared(held: Sequence[Span], new: Sequence[Span]) -> int:
     return keep
 
 
+def _positions(start: int, n: int) -> torch.Tensor:
+    return torch.arange(start, start + n, dtype=torch.long)
+
+
 class KVContext:
     """A ``DynamicCache`` plus the exact spans it holds, so reuse can never be wrong.
 
@@ -290,30 +300,85 @@ class KVContext:
                 skip = max(0, keep - offset)
                 ids = [list(r[i].ids[skip:]) for r in rows]
                 if self._merge and i + 2 < len(spans) and all(s.isolated for s in spans[i + 1 : -1]):
-                    # head rest, segments, tail: the segments first, then head rest + tail in ONE forward
-                    # whose head rows do not see the segments (their KV is the head's); the head rest then
-                    # sits after the segments in the cache until the next crop moves it back
-                    segments = len(spans) - 2 - i
-                    for j in range(i + 1, i + 1 + segments):
-                        self._append_segments([r[j] for r in rows], stats)
-                    seg_tokens = sum(len(s.ids) for s in spans[i + 1 : -1])
-                    tail = [list(r[-1].ids) for r in rows]
-                    logits = self._forward(
-                        [a + b for a, b in zip(ids, tail, strict=True)],
-                        span.start + skip,
-                        self.cache,
-                        blind=(len(ids[0]), seg_tokens),
-                    )
-                    self._displaced = (end - len(ids[0]), len(ids[0]), end - len(ids[0]) + seg_tokens)
-                    stats.fed += len(ids[0]) + len(tail[0])
+                    logits = self._feed_retrieval(rows, i, skip, stats)
                     break
-                logits = self._forward(ids, span.start + skip, self.cache)
+                logits = self._forward(ids, _positions(span.start + skip, len(ids[0])), self.cache)
                 stats.fed += len(ids[0])
                 offset, i = end, i + 1
         self.rows = rows
         self.stats = stats
         assert logits is not None  # the last span is causal and feeds at least one token
         return logits, keep, stats.fed
+
+    def _feed_retrieval(self, rows: list[tuple[Span, ...]], i: int, skip: int, stats: FeedStats) -> torch.Tensor:
+        """Head rest (span ``i`` from ``skip``), segments, tail in ONE forward with a 4D mask.
+
+        Cached segments are appended first; the others are fed in the forward itself, each row
+        attending to its own segment only (their KV then goes to the passage cache); the head rows
+        see the kept head and themselves, the tail everything. The head rest thus sits after the
+        segments in the cache until the next crop moves it back (``_displaced``).
+        """
+        spans = rows[0]
+        seg_at = range(i + 1, len(spans) - 1)
+        sinks = any(spans[j].sink is not None for j in seg_at)
+        cached, missing = [], []
+        for j in seg_at:
+            found = [self._lookup(r[j]) for r in rows]
+            if all(f is not None for f in found) or sinks:  # a sink: computed on its own (it sees H[0])
+                cached.append(j)
+            else:
+                missing.append(j)
+        for j in cached:
+            self._append_segments([r[j] for r in rows], stats)
+        past = self.cache.get_seq_length()
+        keep = past - sum(len(spans[j].ids) for j in cached)
+        ids: list[list[int]] = [[] for _ in rows]
+        positions: list[int] = []
+        own: list[tuple[int, int]] = []  # the new tokens' segment ranges, relative to the forward
+        for j in missing:
+            own.append((len(positions), len(positions) + len(spans[j].ids)))
+            for row, r in zip(ids, rows, strict=True):
+                row.extend(r[j].ids)
+            positions.extend(range(spans[j].start, spans[j].start + len(spans[j].ids)))
+        head = len(spans[i].ids) - skip
+        first_head = len(positions)
+        for row, r in zip(ids, rows, strict=True):
+            row.extend(r[i].ids[skip:])
+            row.extend(r[-1].ids)
+        positions.extend(range(spans[i].start + skip, spans[i].start + len(spans[i].ids)))
+        positions.extend(range(spans[-1].start, spans[-1].start + len(spans[-1].ids)))
+        width = len(positions)
+        q = torch.arange(width, device=self.device)[:, None]
+        kv = torch.arange(past + width, device=self.device)[None, :]
+        allowed = kv <= q + past  # causal: the tail sees everything
+        allowed[first_head : first_head + head, keep:past] = False  # head rows: not the cached segments
+        allowed[first_head : first_head + head, past : past + first_head] = False  # nor the new ones
+        for lo, hi in own:  # a new segment sees itself only
+            allowed[lo:hi, : past + lo] = False
+        logits = self._forward(ids, torch.tensor(positions, device=self.device), self.cache, allowed)
+        for (lo, hi), j in zip(own, missing, strict=True):
+            for row, r in enumerate(rows):
+                kv_seg: LayerKV = tuple(
+                    (
+                        layer.keys[row : row + 1, :, past + lo : past + hi, :].clone(),
+                        layer.values[row : row + 1, :, past + lo : past + hi, :].clone(),
+                    )
+                    for layer in self.cache.layers
+                )
+                if self.passages is not None:
+                    self.passages.put(self._key(r[j]), kv_seg)
+            stats.segments_computed += len(rows)
+            stats.segment_tokens_computed += hi - lo
+        start = sum(len(s.ids) for s in spans[:i]) + skip  # context index of the head rest
+        self._displaced = (start, head, past + first_head)
+        stats.fed += head + len(spans[-1].ids)
+        return logits
+
+    def _key(self, span: Span) -> Hashable:
+        return (self.fingerprint, span.ids, span.start, span.sink)
+
+    def _lookup(self, span: Span) -> LayerKV | None:
+        return None if self.passages is None else self.passages.peek(self._key(span))
 
     def _crop(self, keep: int) -> None:
         """Keep the first ``keep`` tokens of the context (in context order) in the cache."""
@@ -336,29 +401,22 @@ class KVContext:
             self.cache.crop(keep - held)  # transformers 5: a negative count to remove
 
     def _forward(
-        self, ids: list[list[int]], start: int, cache: Cache, blind: tuple[int, int] | None = None
+        self, ids: list[list[int]], positions: torch.Tensor, cache: Cache, allowed: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Feed ``ids`` at positions from ``start``; with ``blind=(n, m)`` the first ``n`` of them do not
-        attend to the last ``m`` cached tokens (the segments just appended)."""
+        """Feed ``ids`` at ``positions``; ``allowed`` (``[new, cached + new]``, True = may attend) replaces
+        the causal mask."""
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        width = input_ids.shape[1]
-        positions = torch.arange(start, start + width, dtype=torch.long, device=self.device).expand(len(ids), -1)
         kwargs: dict[str, Any] = {self._cache_kwarg: cache}
-        if blind is not None:
-            n, m = blind
-            past = cache.get_seq_length()
+        if allowed is not None:
             dtype = self.model.dtype
-            kv = torch.arange(past + width, device=self.device)
-            q = torch.arange(width, device=self.device)[:, None] + past
-            allowed = kv[None, :] <= q
-            allowed[:n, past - m : past] = False
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(
-                ~allowed, torch.finfo(dtype).min
-            )
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
+            mask.masked_fill_(~allowed, torch.finfo(dtype).min)
             kwargs["attention_mask"] = mask[None, None].expand(len(ids), 1, -1, -1)
         if self._last_only:
             kwargs["logits_to_keep"] = 1
-        out = self.model(input_ids=input_ids, position_ids=positions, use_cache=True, **kwargs)
+        out = self.model(
+            input_ids=input_ids, position_ids=positions.to(self.device).expand(len(ids), -1), use_cache=True, **kwargs
+        )
         return out.logits[:, -1].float()
 
     def _append_segments(self, spans: list[Span], stats: FeedStats) -> None:
@@ -373,7 +431,7 @@ class KVContext:
             self.cache.update(keys, values, layer)
 
     def _segment_kv(self, span: Span, stats: FeedStats) -> LayerKV:
-        key = (self.fingerprint, span.ids, span.start, span.sink)
+        key = self._key(span)
         if self.passages is not None:
             found = self.passages.get(key)
             if found is not None:
@@ -382,9 +440,9 @@ class KVContext:
         cache = _RoomyCache()
         skip = 0
         if span.sink is not None:  # the text's first token, alone at position 0, as the head holds it
-            self._forward([[span.sink]], 0, cache)
+            self._forward([[span.sink]], _positions(0, 1), cache)
             skip = 1
-        self._forward([list(span.ids)], span.start, cache)
+        self._forward([list(span.ids)], _positions(span.start, len(span.ids)), cache)
         kv: LayerKV = tuple(
             (layer.keys[..., skip:, :].clone(), layer.values[..., skip:, :].clone()) for layer in cache.layers
         )

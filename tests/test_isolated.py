@@ -189,6 +189,18 @@ def test_a_warm_retrieval_is_one_forward_or_two_without_custom_masks(fb: FlashBa
     assert len(calls) == expected
     if merged:
         assert sorted(set(calls) - {1}) == sorted({4 + 3, len(fb.tokenizer(PROMPT).input_ids)})
+        fb.passage_cache.clear()  # cold: each new passage is fed in that same forward, seeing itself only
+        calls.clear()
+        handle = fb.model.register_forward_pre_hook(
+            lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+        )
+        try:
+            cold = fb.generate(PROMPT, HashRetriever(), config=config, max_new_tokens=14, ignore_eos=True)
+        finally:
+            handle.remove()
+        assert cold.token_ids == out.token_ids and len(calls) == expected
+        assert cold.retrievals[0].segments_computed == 1  # later ones may meet a passage again
+        assert all(r.segments_computed + r.segments_reused == 1 for r in cold.retrievals)
 
 
 def test_history_shorter_than_tail_makes_the_head_empty(fb: FlashBackModel) -> None:
