@@ -469,8 +469,14 @@ def test_cli_data_build_train_and_eval(base_dir, tmp_path) -> None:
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "eval" / "ppl.json").read_text())
-    assert result["scored_tokens"] == 48 and len(result["rows"]) == 4
-    assert result["skipped_rows"] == ["prepend + LoRA + MT", "append + LoRA"]
+    assert result["scored_tokens"] == 48 and len(result["rows"]) == 5
+    assert result["rows"][-1]["name"] == "isolated (untrained)" and result["rows"][-1]["ppl"] > 0
+    assert result["skipped_rows"] == [
+        "prepend + LoRA + MT",
+        "append + LoRA",
+        "isolated + prepend adapter",
+        "isolated + adapter",
+    ]
     # --max-examples on an example file scores a seeded subset, and says so
     r = runner.invoke(
         app,
