@@ -279,7 +279,7 @@ class KVContext:
             if len(self.rows) != len(rows)
             else min(width - 1, *(_shared(h, r) for h, r in zip(self.rows, rows, strict=True)))
         )
-        self._crop(keep)
+        keep = self._crop(keep)
         stats = FeedStats(kept=keep)
         self.rows = []  # keep the spans in step with the cache even if a forward fails half-way
         logits = None
@@ -380,25 +380,29 @@ class KVContext:
     def _lookup(self, span: Span) -> LayerKV | None:
         return None if self.passages is None else self.passages.peek(self._key(span))
 
-    def _crop(self, keep: int) -> None:
-        """Keep the first ``keep`` tokens of the context (in context order) in the cache."""
+    def _crop(self, keep: int) -> int:
+        """Keep the first ``keep`` tokens of the context (in context order) in the cache; returns how
+        many are kept (fewer only when passages behind a moved head rest would have to stay)."""
         held = self.cache.get_seq_length() if self.rows else 0
         moved = self._displaced
         self._displaced = None
         if keep == 0 or not self.rows:
             self.cache = _RoomyCache()
-            return
+            return 0
         if moved is not None:
             start, count, at = moved  # context tokens start..start+count are in the cache at at..at+count
-            if keep <= start or keep >= at + count:
-                self._displaced = moved if keep >= at + count else None
-            else:  # bring the kept part of the head rest back in front of the segments
+            if start + count < keep < at + count:  # some passages kept: recompute them after the head
+                keep = start + count
+            if keep >= at + count:
+                self._displaced = moved  # the whole shuffled region is kept as it is
+            elif keep > start:  # bring the kept part of the head rest back in front of the passages
                 n = keep - start
                 for layer in self.cache.layers:
                     for t in (layer.keys, layer.values):
                         t[..., start : start + n, :] = t[..., at : at + n, :].clone()
         if keep < held:
             self.cache.crop(keep - held)  # transformers 5: a negative count to remove
+        return keep
 
     def _forward(
         self, ids: list[list[int]], positions: torch.Tensor, cache: Cache, allowed: torch.Tensor | None = None

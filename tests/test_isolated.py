@@ -428,3 +428,24 @@ def test_scoring_and_training_layout_equals_what_generation_serves(arch: str) ->
             logits = kv.next_logits(spans)[0]
             expected = torch.nn.functional.cross_entropy(logits[None], torch.tensor([target]))
             assert row[i].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_a_kept_passage_behind_a_moved_head_rest_is_recomputed_exactly(fb: FlashBackModel) -> None:
+    """Same head, same first passage, another second one: the cache never keeps a passage it cannot place."""
+    from flashback_integrations.kvcache import KVContext
+    from flashback_integrations.layout import build_spans
+
+    gen = torch.Generator().manual_seed(7)
+
+    def rand(n: int) -> list[int]:
+        return torch.randint(5, len(fb.tokenizer) - 3, (n,), generator=gen).tolist()
+
+    H, a, b, c = rand(20), rand(6), rand(5), rand(5)
+    kv = KVContext(fb.model)
+    for segs in ([a, b], [a, c], [a, c], [c, a]):
+        logits, _, _ = kv.next_logits(build_spans("isolated", H, [], 0, segs, None, tail_tokens=2))
+        ref = isolated_forward(fb, H, [], 0, segs, 2)
+        assert (logits - ref).abs().max().item() <= 1e-4
+    H2 = H + rand(3)  # then a normal next retrieval
+    logits, kept, _ = kv.next_logits(build_spans("isolated", H2, [], 0, [b], None, tail_tokens=2))
+    assert kept == 18 and (logits - isolated_forward(fb, H2, [], 0, [b], 2)).abs().max().item() <= 1e-4
