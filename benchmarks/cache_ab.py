@@ -11,7 +11,7 @@ import time
 
 from transformers import DynamicCache
 
-import flashback_integrations.engine as engine
+import flashback_integrations.kvcache as kvcache
 from flashback_integrations.bench.speed import load_model, random_id_source
 
 parser = argparse.ArgumentParser()
@@ -22,12 +22,12 @@ args = parser.parse_args()
 
 fb = load_model("default", "float32", "cpu")
 ids = random_id_source(fb, 0)
-caches = {"DynamicCache": DynamicCache, "engine cache": engine._RoomyCache}
+caches = {"DynamicCache": DynamicCache, "engine cache": kvcache._RoomyCache}
 
 
 def with_cache(cls):
-    engine._RoomyCache = cls  # KVContext builds whatever this names
-    return engine.KVContext(fb.model)
+    kvcache._RoomyCache = cls  # KVContext builds whatever this names
+    return kvcache.KVContext(fb.model)
 
 
 def rows_of(n):
@@ -41,7 +41,7 @@ for total in (int(x) for x in args.lengths.split(",")):
     samples = {name: {"decode": [], "refeed": []} for name in caches}
     for rep in range(args.repeats):
         for name, cls in caches.items():
-            engine._RoomyCache = cls
+            kvcache._RoomyCache = cls
             kv, base = state[name]
             t = time.perf_counter()
             kv.next_logits_rows([b + ids(1) for b in base])
@@ -70,4 +70,4 @@ for rep in range(4):
             recompute[name].append(time.perf_counter() - t)
 for name, v in recompute.items():
     print(f"recompute 1900 ids x {args.rows} rows, {name}: {statistics.median(v):.2f} s")
-engine._RoomyCache = caches["engine cache"]
+kvcache._RoomyCache = caches["engine cache"]

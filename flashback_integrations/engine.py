@@ -26,7 +26,7 @@ from .events import (
     RetrievalEvent,
     TokenEvent,
 )
-from .kvcache import KVContext, PassageKVCache, _RoomyCache  # noqa: F401 - re-exported for benchmarks
+from .kvcache import KVContext, PassageKVCache
 from .layout import MarkIds, Span, build_spans, find_mark_ids, passage_ids, passage_segments, query_ids, wrap_block
 from .retrieval import Passage
 from .sampling import choose_token
