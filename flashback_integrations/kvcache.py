@@ -121,7 +121,6 @@ class PassageKVCache:
         self._lock = threading.Lock()
         self.bytes = 0
         self.hits = 0
-        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -130,7 +129,6 @@ class PassageKVCache:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
-                self.misses += 1
                 return None
             self._entries.move_to_end(key)
             self.hits += 1

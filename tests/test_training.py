@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -525,3 +526,19 @@ def test_evaluation_examples_retrieve_from_none_of_the_held_out_documents(tok) -
     assert len(sources) == 3 and any(e.passage_ids for e in ex)
     assert all(pid.rsplit("#", 1)[0] not in sources for e in ex for pid in e.passage_ids)
     assert "all target documents excluded" in info["retrieval"]
+
+
+@pytest.mark.parametrize("bf16", (False, True))
+def test_training_in_the_isolated_layout_learns_and_records_it(base_dir, examples, tmp_path, bf16) -> None:
+    """`train --layout isolated`: the masked span batches train (fp32 and bf16 autocast) and the manifest
+    says isolated, so the adapter is served and scored in that layout."""
+    model, tok = _load_base(base_dir)
+    out = tmp_path / "iso"
+    result = train(
+        model, tok, examples[:16], out, TrainConfig(**{**FAST, "layout": "isolated", "bf16": bf16}),
+        val_examples=examples[16:24], progress=False,
+    )  # fmt: skip
+    losses = [e["val_loss"] for e in result.log if "val_loss" in e]
+    assert losses and all(math.isfinite(v) for v in losses)
+    manifest = json.loads((out / "flashback_adapter.json").read_text())
+    assert manifest["flashback_config"]["mode"] == "isolated"
