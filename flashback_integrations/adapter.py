@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .activation import ACTIVATION_PASSAGE, activate
 from .errors import AdapterMismatchError, ConfigError
 from .layout import MARK_L, MARK_R
 
@@ -150,6 +151,11 @@ def load_adapter(
             f"{str(exc).splitlines()[0][:300]}). It was probably trained for another base model."
         ) from exc
     peft_model.eval()
+    if manifest is not None and manifest.extra.get("activation") == ACTIVATION_PASSAGE:
+        # LoRA only from the passage on: a per-token switch, so never merged
+        if not activate(peft_model):
+            raise AdapterMismatchError(f"Adapter {directory} is marked activated but holds no LoRA layers.")
+        return peft_model, new_tokenizer, manifest
     if merge:
         return peft_model.merge_and_unload(), new_tokenizer, manifest
     return peft_model, new_tokenizer, manifest

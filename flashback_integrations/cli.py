@@ -921,6 +921,25 @@ def train(
     ] = None,
     seed: Seed = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT.")] = False,
+    tail_tokens: Annotated[int, typer.Option(help="isolated: history tokens that read the passages.")] = 1,
+    activated: Annotated[
+        bool,
+        typer.Option(
+            "--activated/--no-activated",
+            help="isolated: LoRA on only from the passage on, so calls without retrieval stay the base model's.",
+        ),
+    ] = False,
+    init_adapter: Annotated[
+        Path | None, typer.Option(help="Start from this adapter's weights (same LoRA rank and targets).")
+    ] = None,
+    teacher_adapter: Annotated[
+        Path | None,
+        typer.Option(help="Distil from the base + this prepend adapter, reading the passage in front."),
+    ] = None,
+    distill_weight: Annotated[
+        float, typer.Option(help="Share of the loss that is the KL to the teacher (needs --teacher-adapter).")
+    ] = 0.0,
+    distill_top_k: Annotated[int, typer.Option(help="Teacher tokens per position in the KL.")] = 20,
     context_budget: ContextBudget = 512,
     target_tokens: TargetTokens = 16,
     first_target: FirstTarget = 512,
@@ -961,7 +980,14 @@ def train(
             device=device,
             bf16=bf16,
             max_minutes=max_minutes,
+            tail_tokens=tail_tokens,
+            activated=activated,
+            init_adapter=str(init_adapter) if init_adapter else None,
+            distill_weight=distill_weight,
+            distill_top_k=distill_top_k,
         )
+        if distill_weight > 0 and teacher_adapter is None:
+            raise ConfigError("--distill-weight needs --teacher-adapter (the prepend + LoRA + MT adapter).")
         data_info: dict = {}
         if examples is not None:
             train_ex, header = load_examples(examples, max_examples, seed)
@@ -997,8 +1023,25 @@ def train(
         source = resolve_model(model)
         tokenizer = AutoTokenizer.from_pretrained(source)
         base = AutoModelForCausalLM.from_pretrained(source, dtype="float32")
+        teacher = None
+        if teacher_adapter is not None:
+            from .adapter import load_adapter
+
+            teacher_base = AutoModelForCausalLM.from_pretrained(source, dtype="float32")
+            teacher, _, _ = load_adapter(teacher_base, AutoTokenizer.from_pretrained(source), teacher_adapter)
+            data_info["teacher_adapter"] = str(teacher_adapter)
         result = run_training(
-            base, tokenizer, train_ex, out, cfg, val_ex, settings, _base_label(model), data_info, resume=resume
+            base,
+            tokenizer,
+            train_ex,
+            out,
+            cfg,
+            val_ex,
+            settings,
+            _base_label(model),
+            data_info,
+            resume=resume,
+            teacher=teacher,
         )
     except FlashBackError as exc:
         raise _fail(exc) from exc

@@ -59,6 +59,7 @@ def paper_rows(
         PplRow("isolated (untrained)", "isolated"),
         PplRow("isolated + prepend adapter", "isolated", prepend_adapter, True, adapter_layout="prepend"),
         PplRow("isolated + adapter", "isolated", isolated_adapter, True),
+        PplRow("no retrieval + isolated adapter", "none", isolated_adapter, True, adapter_layout="isolated"),
     ]
     needs = {
         "prepend + LoRA + MT",
@@ -66,6 +67,7 @@ def paper_rows(
         "append + LoRA + MT (FlashBack)",
         "isolated + prepend adapter",
         "isolated + adapter",
+        "no retrieval + isolated adapter",
     }
     kept = [r for r in rows if r.name not in needs or r.adapter]
     skipped = [r.name for r in rows if r.name in needs and not r.adapter]

@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .activation import is_activated, lora_gate
 from .errors import ConfigError
 from .layout import Span
 
@@ -244,6 +245,7 @@ class KVContext:
         self.stats = FeedStats()
         self._displaced: tuple[int, int, int] | None = None
         self._merge = takes_custom_masks(model)
+        self._gated = is_activated(model)  # LoRA from the passage on: each forward says where it is on
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         params = inspect.signature(base.forward).parameters
         self._last_only = "logits_to_keep" in params
@@ -300,7 +302,8 @@ class KVContext:
                 if self._merge and i + 2 < len(spans) and all(s.isolated for s in spans[i + 1 : -1]):
                     logits = self._feed_retrieval(rows, i, skip, stats)
                     break
-                logits = self._forward(ids, _positions(span.start + skip, len(ids[0])), self.cache)
+                after_passage = any(s.isolated for s in spans[:i])  # the tail that reads the passages
+                logits = self._forward(ids, _positions(span.start + skip, len(ids[0])), self.cache, gate=after_passage)
                 stats.fed += len(ids[0])
                 offset, i = end, i + 1
         self.rows = rows
@@ -353,7 +356,8 @@ class KVContext:
         allowed[first_head : first_head + head, past : past + first_head] = False  # nor the new ones
         for lo, hi in own:  # a new segment sees itself only
             allowed[lo:hi, : past + lo] = False
-        logits = self._forward(ids, torch.tensor(positions, device=self.device), self.cache, allowed)
+        gate = [True] * first_head + [False] * head + [True] * len(spans[-1].ids)  # segments, head rest, tail
+        logits = self._forward(ids, torch.tensor(positions, device=self.device), self.cache, allowed, gate)
         for (lo, hi), j in zip(own, missing, strict=True):
             for row, r in enumerate(rows):
                 kv_seg: LayerKV = tuple(
@@ -403,21 +407,36 @@ class KVContext:
         return keep
 
     def _forward(
-        self, ids: list[list[int]], positions: torch.Tensor, cache: Cache, allowed: torch.Tensor | None = None
+        self,
+        ids: list[list[int]],
+        positions: torch.Tensor,
+        cache: Cache,
+        allowed: torch.Tensor | None = None,
+        gate: bool | list[bool] = False,
     ) -> torch.Tensor:
         """Feed ``ids`` at ``positions``; ``allowed`` (``[new, cached + new]``, True = may attend) replaces
-        the causal mask."""
+        the causal mask. ``gate`` says which fed tokens an activated adapter applies to (all or per token)."""
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        if self._gated:
+            on = torch.tensor(gate if isinstance(gate, list) else [gate] * input_ids.shape[1], device=self.device)
+            with lora_gate(on[None].expand(input_ids.shape[0], -1)):
+                return self._forward_ungated(input_ids, positions, cache, allowed)
+        return self._forward_ungated(input_ids, positions, cache, allowed)
+
+    def _forward_ungated(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: Cache, allowed: torch.Tensor | None
+    ) -> torch.Tensor:
+        rows = input_ids.shape[0]
         kwargs: dict[str, Any] = {self._cache_kwarg: cache}
         if allowed is not None:
             dtype = self.model.dtype
             mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
             mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-            kwargs["attention_mask"] = mask[None, None].expand(len(ids), 1, -1, -1)
+            kwargs["attention_mask"] = mask[None, None].expand(rows, 1, -1, -1)
         if self._last_only:
             kwargs["logits_to_keep"] = 1
         out = self.model(
-            input_ids=input_ids, position_ids=positions.to(self.device).expand(len(ids), -1), use_cache=True, **kwargs
+            input_ids=input_ids, position_ids=positions.to(self.device).expand(rows, -1), use_cache=True, **kwargs
         )
         return out.logits[:, -1].float()
 
@@ -444,7 +463,7 @@ class KVContext:
         if span.sink is not None:  # the text's first token, alone at position 0, as the head holds it
             self._forward([[span.sink]], _positions(0, 1), cache)
             skip = 1
-        self._forward([list(span.ids)], _positions(span.start, len(span.ids)), cache)
+        self._forward([list(span.ids)], _positions(span.start, len(span.ids)), cache, gate=True)
         kv: LayerKV = tuple(
             (layer.keys[..., skip:, :].clone(), layer.values[..., skip:, :].clone()) for layer in cache.layers
         )

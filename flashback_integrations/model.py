@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from . import engine
+from .activation import is_activated
 from .adapter import AdapterManifest, load_adapter
 from .config import FlashBackConfig
 from .devices import resolve_device, resolve_dtype
@@ -230,6 +231,12 @@ class FlashBackModel:
                 f"mode='isolated' needs a model with rotary position embeddings (it places passages at "
                 f"negative positions); {self.name!r} ({type(self.model).__name__}) has learned absolute "
                 "positions. Use mode='append', 'prepend' or 'none' with this model."
+            )
+        if config.mode in ("append", "prepend") and is_activated(self.model):
+            raise ConfigError(
+                f"this adapter is activated from the passage on (trained for mode='isolated'); mode="
+                f"{config.mode!r} would read its passage with the base model. Use mode='isolated' (or 'none'), "
+                "or load an adapter trained for this mode."
             )
         marks = self._marks_for(config)
         prompt_ids = self.encode(prompt)

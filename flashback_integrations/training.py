@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .activation import ACTIVATION_PASSAGE, activate, lora_gate
 from .adapter import AdapterManifest, add_mark_tokens, base_fingerprint, save_adapter
 from .config import FlashBackConfig, require_positive_ints
 from .data import Example, ExampleSettings, example_ids, example_spans, summarize
@@ -75,10 +76,26 @@ class TrainConfig:
     bf16: bool | None = None
     save_dtype: str = "bfloat16"
     max_minutes: float | None = None
+    tail_tokens: int = 1
+    activated: bool = False
+    """LoRA on only from the passage on (isolated layout): the text's KV stays the base model's."""
+    init_adapter: str | None = None
+    """Start from this adapter's LoRA and mark weights (same rank and target modules)."""
+    distill_weight: float = 0.0
+    """Share of the loss that is the KL to the teacher's top-k distribution (the rest: target CE)."""
+    distill_top_k: int = 20
 
     def __post_init__(self) -> None:
         if self.layout not in ("append", "prepend", "isolated"):
             raise ConfigError(f"layout must be 'append', 'prepend' or 'isolated', got {self.layout!r}.")
+        if self.activated and self.layout != "isolated":
+            raise ConfigError(
+                "activated=True (LoRA from the passage on) needs layout='isolated': in append/prepend the "
+                "passage is part of one causal text."
+            )
+        if not 0 <= self.distill_weight <= 1:
+            raise ConfigError(f"distill_weight must be in [0, 1], got {self.distill_weight}.")
+        require_positive_ints(self, ("tail_tokens", "distill_top_k"))
         require_positive_ints(
             self, ("lora_r", "lora_alpha", "steps", "batch_size", "micro_batch_size", "eval_every", "save_every")
         )
@@ -153,6 +170,50 @@ def collate_spans(
     return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
 
 
+def activation_gate(contexts: Sequence[Sequence[Span]], width: int, device: torch.device | str) -> torch.Tensor:
+    """Where an activated adapter is on, for left-padded contexts: every token from the first
+    passage segment on (the segments and the tail that reads them), nothing of a context without one."""
+    gate = torch.zeros((len(contexts), width), dtype=torch.bool)
+    for row, spans in enumerate(contexts):
+        first = next((k for k, s in enumerate(spans) if s.isolated), None)
+        if first is not None:
+            gate[row, width - sum(len(s.ids) for s in spans[first:]) :] = True
+    return gate.to(device)
+
+
+def target_logprobs(
+    model: Any,
+    examples: Sequence[Example],
+    layout: str,
+    marks: MarkIds | None,
+    pad_id: int,
+    excluded_ids: Sequence[int] = (),
+    autocast: bool = False,
+    tail_tokens: int = 1,
+) -> torch.Tensor:
+    """Log-probabilities ``[examples, target_tokens, vocab]`` of the next token at every target position.
+
+    Only the last ``target_tokens + 1`` positions get logits; ``excluded_ids`` (the marks) are
+    removed from the softmax. An activated adapter (:mod:`.activation`) is on from the passage on.
+    """
+    n_tgt = len(examples[0].tgt)
+    if any(len(e.tgt) != n_tgt for e in examples):
+        raise ConfigError("All examples in a batch must have targets of the same length.")
+    device = next(model.parameters()).device
+    if layout == "isolated":
+        contexts = [example_spans(e, marks, tail_tokens) for e in examples]
+        batch = collate_spans(contexts, pad_id, device)
+        gate = activation_gate(contexts, batch["input_ids"].shape[1], device)
+    else:
+        batch = collate([example_ids(e, layout, marks) for e in examples], pad_id, device)
+        gate = torch.zeros_like(batch["input_ids"], dtype=torch.bool)  # no passage segment: the base model
+    with lora_gate(gate), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(**batch, logits_to_keep=n_tgt + 1, use_cache=False).logits[:, :-1].float()
+    if excluded_ids:
+        logits[..., list(excluded_ids)] = float("-inf")
+    return torch.log_softmax(logits, dim=-1)
+
+
 def target_nll(
     model: Any,
     examples: Sequence[Example],
@@ -163,26 +224,10 @@ def target_nll(
     autocast: bool = False,
     tail_tokens: int = 1,
 ) -> torch.Tensor:
-    """Negative log-likelihood of every target token, shape (examples, target_tokens).
-
-    Only the last ``target_tokens + 1`` positions get logits; ``excluded_ids`` (the marks) are
-    removed from the softmax.
-    """
-    n_tgt = len(examples[0].tgt)
-    if any(len(e.tgt) != n_tgt for e in examples):
-        raise ConfigError("All examples in a batch must have targets of the same length.")
-    device = next(model.parameters()).device
-    if layout == "isolated":
-        batch = collate_spans([example_spans(e, marks, tail_tokens) for e in examples], pad_id, device)
-    else:
-        batch = collate([example_ids(e, layout, marks) for e in examples], pad_id, device)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(**batch, logits_to_keep=n_tgt + 1, use_cache=False).logits[:, :-1].float()
-    if excluded_ids:
-        logits[..., list(excluded_ids)] = float("-inf")
-    targets = torch.tensor([e.tgt for e in examples], device=device)
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return nll.view(len(examples), n_tgt)
+    """Negative log-likelihood of every target token, shape (examples, target_tokens)."""
+    logp = target_logprobs(model, examples, layout, marks, pad_id, excluded_ids, autocast, tail_tokens)
+    targets = torch.tensor([e.tgt for e in examples], device=logp.device)
+    return -logp.gather(-1, targets[..., None])[..., 0]
 
 
 def pad_id_of(tokenizer: Any) -> int:
@@ -233,10 +278,126 @@ def _trainable(model: Any) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
+CHECKPOINT_FORMAT = "flashback-train-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def _checkpoint_steps(out: Path) -> list[Path]:
+    """This run's checkpoint folders, oldest first; anything that is not ours is refused, never loaded."""
     folder = out / CHECKPOINT_DIR
-    found = sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1])) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    foreign = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and not p.name.startswith("step-"))
+    pickles = sorted(p.name for p in folder.glob("*.pt"))
+    if pickles or foreign:
+        raise ConfigError(
+            f"{folder} holds files that are not checkpoints of this trainer ({', '.join((pickles + foreign)[:3])}); "
+            "pickle checkpoints are never loaded. Remove them or train into another output folder."
+        )
+    found = [p for p in folder.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    found = _checkpoint_steps(out)
     return found[-1] if found else None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def save_training_state(
+    folder: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any], optimizer: Any, scheduler: Any
+) -> None:
+    """A checkpoint without pickle: tensors (weights, optimizer moments, torch RNG) in safetensors,
+    the rest (step, config, log, optimizer groups, scheduler, Python RNG) in JSON; written to a temp
+    folder and renamed, so a kill leaves either the old or the new checkpoint."""
+    from safetensors.torch import save_file
+
+    opt = optimizer.state_dict()
+    flat = {f"trainable.{n}": t.detach().cpu().contiguous() for n, t in tensors.items()}
+    moments: dict[str, list[str]] = {}
+    for index, entry in opt["state"].items():
+        moments[str(index)] = sorted(entry)
+        for key, value in entry.items():
+            flat[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    flat["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and state.get("cuda_rng"):
+        flat["rng.cuda"] = torch.cuda.get_rng_state()
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    record = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        **{k: v for k, v in state.items() if k != "cuda_rng"},
+        "optimizer": {"param_groups": opt["param_groups"], "moments": moments},
+        "scheduler": sched,
+        "python_rng": random.getstate(),
+    }
+    tmp = folder.parent / f".{folder.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(flat, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(_jsonable(record)))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def load_training_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON record and the tensors of a checkpoint folder, or a ConfigError saying what is wrong."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        record = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"checkpoint {folder} has no readable state.json ({exc}); remove it and resume from another."
+        ) from exc
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{folder} is not a checkpoint of this trainer (no {CHECKPOINT_FORMAT!r} record).")
+    if record.get("version") != CHECKPOINT_VERSION:
+        raise ConfigError(
+            f"checkpoint {folder} has version {record.get('version')}, this trainer reads {CHECKPOINT_VERSION}."
+        )
+    try:
+        tensors = load_file(str(folder / "state.safetensors"))
+    except (OSError, SafetensorError) as exc:
+        raise ConfigError(f"checkpoint {folder} has a damaged state.safetensors ({exc}); remove the folder.") from exc
+    return record, tensors
+
+
+def _restore(
+    record: dict[str, Any], tensors: dict[str, torch.Tensor], params: dict[str, Any], optimizer: Any, scheduler: Any
+) -> None:
+    trainable = {k[len("trainable.") :]: v for k, v in tensors.items() if k.startswith("trainable.")}
+    if set(trainable) != set(params) or any(trainable[n].shape != params[n].shape for n in params):
+        raise ConfigError("the checkpoint's weights do not match this model's trainable parameters; same settings?")
+    for name, tensor in trainable.items():
+        params[name].data.copy_(tensor)
+    groups = record["optimizer"]["param_groups"]
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    state = {
+        int(index): {key: tensors[f"optim.{index}.{key}"] for key in keys}
+        for index, keys in record["optimizer"]["moments"].items()
+    }
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    scheduler.load_state_dict({**scheduler.state_dict(), **record["scheduler"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    version, internal, gauss = record["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 def _hardware(device: torch.device) -> dict[str, Any]:
@@ -296,13 +457,68 @@ def evaluate_loss(
     with torch.no_grad():
         for i in range(0, len(examples), cfg.micro_batch_size):
             nll = target_nll(
-                model, examples[i : i + cfg.micro_batch_size], cfg.layout, marks, pad_id, excluded, autocast
+                model,
+                examples[i : i + cfg.micro_batch_size],
+                cfg.layout,
+                marks,
+                pad_id,
+                excluded,
+                autocast,
+                cfg.tail_tokens,
             )
             total += float(nll.sum())
             count += nll.numel()
     if was_training:
         model.train()
     return total / max(count, 1)
+
+
+def training_loss(
+    model: Any,
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    marks: MarkIds | None,
+    pad_id: int,
+    excluded: Sequence[int],
+    autocast: bool,
+    teacher: Any = None,
+) -> torch.Tensor:
+    """Mean target-token loss: cross-entropy, mixed with the KL to the teacher's top-k distribution
+    (the teacher reads the passage prepended) when ``cfg.distill_weight > 0``."""
+    logp = target_logprobs(model, examples, cfg.layout, marks, pad_id, excluded, autocast, cfg.tail_tokens)
+    targets = torch.tensor([e.tgt for e in examples], device=logp.device)
+    ce = -logp.gather(-1, targets[..., None])[..., 0].mean()
+    if cfg.distill_weight == 0 or teacher is None:
+        return ce
+    with torch.no_grad():
+        t_logp = target_logprobs(teacher, examples, "prepend", marks, pad_id, excluded, autocast)
+        top, at = t_logp.topk(cfg.distill_top_k, dim=-1)
+        p = top.exp()
+    # KL(p || q) on the teacher's top-k support (p's own entropy term makes it 0 at a perfect match)
+    kl = (p * (top - logp.gather(-1, at))).sum(-1).mean()
+    return (1 - cfg.distill_weight) * ce + cfg.distill_weight * kl
+
+
+def init_from_adapter(peft_model: Any, directory: str | Path) -> None:
+    """Copy an adapter's LoRA and mark weights into ``peft_model`` (fine-tuning from it)."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    from .adapter import check_adapter_dir
+
+    directory = check_adapter_dir(directory)
+    ours = peft_model.peft_config["default"]
+    theirs = json.loads((directory / "adapter_config.json").read_text())
+    if theirs.get("r") != ours.r or sorted(theirs.get("target_modules") or []) != sorted(ours.target_modules or []):
+        raise ConfigError(
+            f"--init-adapter {directory} has LoRA r={theirs.get('r')} on {sorted(theirs.get('target_modules') or [])}; "
+            f"this run uses r={ours.r} on {sorted(ours.target_modules or [])}. Use the same rank and target modules."
+        )
+    weights = load_peft_weights(str(directory), device="cpu")
+    result = set_peft_model_state_dict(peft_model, weights)
+    # a tied output head shares the embedding's mark rows, which the adapter stores once
+    missing = [k for k in result.missing_keys if ("lora_" in k or "trainable_tokens" in k) and "lm_head." not in k]
+    if missing:
+        raise ConfigError(f"--init-adapter {directory} lacks weights this run trains ({missing[:3]}).")
 
 
 def train(
@@ -318,9 +534,14 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    teacher: Any = None,
 ) -> TrainResult:
     """Train the FlashBack adapter on ``model`` (modified in place: marks added, PEFT-wrapped) and
-    write it to ``output_dir`` with its manifest, log and loss curve."""
+    write it to ``output_dir`` with its manifest, log and loss curve.
+
+    ``teacher`` (with ``cfg.distill_weight > 0``): a frozen model that reads the passage prepended
+    (e.g. the base with the prepend + LoRA + MT adapter merged, same marks); the student learns its
+    top-``distill_top_k`` distribution at every target position (context distillation)."""
     from transformers import get_cosine_schedule_with_warmup
 
     cfg = cfg or TrainConfig()
@@ -338,10 +559,19 @@ def train(
     device = resolve_device(cfg.device)
     autocast = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
     torch.manual_seed(cfg.seed)
+    if cfg.distill_weight > 0 and teacher is None:
+        raise ConfigError("distill_weight > 0 needs a teacher model (the CLI: --teacher-adapter DIR).")
     fingerprint = base_fingerprint(model)
     model.to(device)
     peft_model, marks = prepare_model(model, tokenizer, cfg)
     peft_model.to(device)
+    if cfg.init_adapter:
+        init_from_adapter(peft_model, cfg.init_adapter)
+    if cfg.activated and not activate(peft_model):
+        raise ConfigError("activated=True found no LoRA layers to gate.")
+    if teacher is not None:
+        teacher.to(device).eval()
+        teacher.requires_grad_(False)
     pad_id = pad_id_of(tokenizer)
     excluded = [marks.left, marks.right] if marks else []
     params = _trainable(peft_model)
@@ -359,43 +589,25 @@ def train(
     step = 0
     elapsed_before = 0.0
     if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        record, tensors = load_training_state(checkpoint)
         now = asdict(cfg)
-        changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and state["config"].get(k) != now[k])
+        changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and record["config"].get(k) != now[k])
         if changed:
             raise ConfigError(f"--resume with different settings than the checkpoint ({changed}); use the same ones.")
-        for name, tensor in state["trainable"].items():
-            params[name].data.copy_(tensor)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-        step, log, elapsed_before = state["step"], state["log"], state["elapsed_s"]
+        _restore(record, tensors, params, optimizer, scheduler)
+        step, log, elapsed_before = record["step"], record["log"], record["elapsed_s"]
 
     def save_checkpoint() -> None:
-        folder = out / CHECKPOINT_DIR
-        folder.mkdir(parents=True, exist_ok=True)
         state = {
             "step": step,
             "config": asdict(cfg),
-            "trainable": {n: p.detach().cpu().clone() for n, p in params.items()},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            },
             "log": log,
             "elapsed_s": elapsed_before + time.perf_counter() - started,
+            "cuda_rng": device.type == "cuda",
         }
-        tmp = folder / f".step-{step}.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(folder / f"step-{step}.pt")
-        for old in sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))[: -cfg.keep_checkpoints]:
-            old.unlink()
+        save_training_state(out / CHECKPOINT_DIR / f"step-{step}", params, state, optimizer, scheduler)
+        for old in _checkpoint_steps(out)[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old)
 
     started = time.perf_counter()
     stopped = None
@@ -414,10 +626,9 @@ def train(
             loss_sum = 0.0
             for m in range(cfg.accumulation):
                 idx = order[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size]
-                nll = target_nll(
-                    peft_model, [train_examples[i] for i in idx], cfg.layout, marks, pad_id, excluded, autocast
-                )
-                loss = nll.mean() / cfg.accumulation
+                batch = [train_examples[i] for i in idx]
+                loss = training_loss(peft_model, batch, cfg, marks, pad_id, excluded, autocast, teacher)
+                loss = loss / cfg.accumulation
                 loss.backward()
                 loss_sum += float(loss.detach())
             grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0))
@@ -455,7 +666,7 @@ def train(
                 break
     except KeyboardInterrupt:
         # Ctrl-C: keep what the finished steps learned, so `--resume` continues from here.
-        if step > 0 and not (out / CHECKPOINT_DIR / f"step-{step}.pt").is_file():
+        if step > 0 and not (out / CHECKPOINT_DIR / f"step-{step}").is_dir():
             save_checkpoint()
         if bar is not None:
             bar.close()
@@ -472,6 +683,7 @@ def train(
         top_k=example_settings.top_k,
         max_doc_tokens=example_settings.max_doc_tokens,
         marks=bool(marks),
+        **({"tail_tokens": cfg.tail_tokens} if cfg.layout == "isolated" else {}),
     )
     training_record = {
         "train_config": asdict(cfg),
@@ -491,7 +703,7 @@ def train(
         flashback_config=flashback_config.to_dict(),
         mark_token_ids=[marks.left, marks.right] if marks else [],
         mark_tokens=["<MARK_L>", "<MARK_R>"] if marks else [],
-        extra={"training": training_record},
+        extra={"training": training_record, **({"activation": ACTIVATION_PASSAGE} if cfg.activated else {})},
     )
     _save_cast(peft_model, tokenizer, out, manifest, cfg.save_dtype)
     (out / LOG_NAME).write_text(json.dumps({"record": training_record, "log": log}, indent=1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,10 +291,13 @@ def test_resume_continues_from_the_checkpoint_step(base_dir, examples, tmp_path)
     model, tok = _load_base(base_dir)
     with pytest.raises(Interrupt):
         train(model, tok, examples[:24], tmp_path / "cut", cfg, examples[24:30], SETTINGS, on_step=stop_at_3)
-    assert (tmp_path / "cut" / "checkpoints" / "step-2.pt").is_file()
+    assert (tmp_path / "cut" / "checkpoints" / "step-2" / "state.json").is_file()
     model, tok = _load_base(base_dir)
     with pytest.raises(ConfigError, match="--resume"):
         train(model, tok, examples[:24], tmp_path / "cut", cfg, examples[24:30], SETTINGS, progress=False)
+    other = TrainConfig(**{**FAST, "lora_dropout": 0.0, "lr": 1e-3})
+    with pytest.raises(ConfigError, match="different settings"):
+        train(model, tok, examples[:24], tmp_path / "cut", other, resume=True, progress=False)
     model, tok = _load_base(base_dir)
     steps_seen = []
     resumed = train(
@@ -306,11 +310,42 @@ def test_resume_continues_from_the_checkpoint_step(base_dir, examples, tmp_path)
     model, tok = _load_base(base_dir)
     with pytest.raises(ConfigError, match="no checkpoint"):
         train(model, tok, examples[:24], tmp_path / "new", cfg, resume=True, progress=False)
+
+
+class _Payload:
+    """Unpickling this writes a file: the proof that a checkpoint was never unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.path, "pwned"))
+
+
+def test_checkpoints_hold_no_pickle_and_foreign_ones_are_never_loaded(base_dir, examples, tmp_path) -> None:
+    import pickle
+
     model, tok = _load_base(base_dir)
-    (tmp_path / "cut" / "checkpoints").mkdir(exist_ok=True)
-    torch.save({"config": {}}, tmp_path / "cut" / "checkpoints" / "step-9.pt")
-    with pytest.raises(ConfigError, match="different settings"):
-        train(model, tok, examples[:24], tmp_path / "cut", cfg, resume=True, progress=False)
+    cfg = TrainConfig(**{**FAST, "steps": 50, "max_minutes": 1e-6})
+    train(model, tok, examples[:8], tmp_path / "t", cfg, progress=False)
+    folder = tmp_path / "t" / "checkpoints" / "step-1"
+    assert sorted(f.name for f in folder.iterdir()) == ["state.json", "state.safetensors"]
+    assert json.loads((folder / "state.json").read_text())["format"] == "flashback-train-checkpoint"
+    # a planted pickle beside it: refused before anything is read
+    marker = tmp_path / "pwned.txt"
+    (tmp_path / "t" / "checkpoints" / "step-2.pt").write_bytes(pickle.dumps(_Payload(marker)))
+    model, tok = _load_base(base_dir)
+    with pytest.raises(ConfigError, match="never loaded"):
+        train(model, tok, examples[:8], tmp_path / "t", cfg, resume=True, progress=False)
+    assert not marker.exists()
+    (tmp_path / "t" / "checkpoints" / "step-2.pt").unlink()
+    # a damaged record or tensor file: a clear error naming the folder
+    (folder / "state.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="state.json"):
+        train(model, tok, examples[:8], tmp_path / "t", cfg, resume=True, progress=False)
+    (folder / "state.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ConfigError, match="not a checkpoint"):
+        train(model, tok, examples[:8], tmp_path / "t", cfg, resume=True, progress=False)
 
 
 def test_ctrl_c_leaves_a_checkpoint_to_resume_from(base_dir, examples, tmp_path) -> None:
@@ -321,7 +356,7 @@ def test_ctrl_c_leaves_a_checkpoint_to_resume_from(base_dir, examples, tmp_path)
     model, tok = _load_base(base_dir)
     with pytest.raises(KeyboardInterrupt):
         train(model, tok, examples[:8], tmp_path / "k", TrainConfig(**FAST), progress=False, on_step=ctrl_c)
-    assert (tmp_path / "k" / "checkpoints" / "step-3.pt").is_file()
+    assert (tmp_path / "k" / "checkpoints" / "step-3" / "state.safetensors").is_file()
     model, tok = _load_base(base_dir)
     assert train(model, tok, examples[:8], tmp_path / "k", TrainConfig(**FAST), resume=True, progress=False).steps == 6
 
@@ -331,7 +366,7 @@ def test_time_budget_stops_with_a_checkpoint(base_dir, examples, tmp_path) -> No
     cfg = TrainConfig(**{**FAST, "steps": 50, "max_minutes": 1e-6})
     result = train(model, tok, examples[:8], tmp_path / "t", cfg, progress=False)
     assert result.steps == 1 and "time budget" in result.stopped_early
-    assert (tmp_path / "t" / "checkpoints" / "step-1.pt").is_file()
+    assert (tmp_path / "t" / "checkpoints" / "step-1" / "state.safetensors").is_file()
     assert (tmp_path / "t" / "adapter_model.safetensors").is_file()
     # the next session continues with another budget (and the rest of the settings unchanged)
     model, tok = _load_base(base_dir)
@@ -376,7 +411,13 @@ def test_paper_rows_name_what_is_skipped() -> None:
         "append + LoRA + MT (FlashBack)",
         "isolated (untrained)",
     ]
-    assert skipped == ["prepend + LoRA + MT", "append + LoRA", "isolated + prepend adapter", "isolated + adapter"]
+    assert skipped == [
+        "prepend + LoRA + MT",
+        "append + LoRA",
+        "isolated + prepend adapter",
+        "isolated + adapter",
+        "no retrieval + isolated adapter",
+    ]
 
 
 def test_eval_scores_every_row_on_the_same_tokens_and_resumes(base_dir, examples, tmp_path, monkeypatch) -> None:
@@ -477,6 +518,7 @@ def test_cli_data_build_train_and_eval(base_dir, tmp_path) -> None:
         "append + LoRA",
         "isolated + prepend adapter",
         "isolated + adapter",
+        "no retrieval + isolated adapter",
     ]
     # --max-examples on an example file scores a seeded subset, and says so
     r = runner.invoke(
