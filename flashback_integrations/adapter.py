@@ -58,7 +58,19 @@ class AdapterManifest:
         path = Path(directory, MANIFEST_NAME)
         if not path.is_file():
             return None
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise AdapterMismatchError(
+                f"{path} is not readable JSON ({exc}); restore it from the adapter's source."
+            ) from exc
+        if not isinstance(data, dict) or not isinstance(data.get("base_fingerprint"), str):
+            raise AdapterMismatchError(
+                f"{path} is not a FlashBack manifest (a JSON object with base_fingerprint, flashback_config, ...)."
+            )
+        for key, kind in (("flashback_config", dict), ("extra", dict), ("mark_tokens", list), ("mark_token_ids", list)):
+            if key in data and not isinstance(data[key], kind):
+                raise AdapterMismatchError(f"{path}: {key} must be a JSON {kind.__name__}.")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -92,7 +104,46 @@ def save_adapter(
     peft_model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False if rows_only else "auto")
     if save_tokenizer:
         tokenizer.save_pretrained(directory)
+    manifest.extra[WEIGHTS_DIGEST] = weights_digest(directory)
     manifest.save(directory)
+
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+WEIGHTS_DIGEST = "weights_sha256"
+
+
+def weights_digest(directory: str | Path) -> str:
+    from .resolve import sha256_file
+
+    return sha256_file(Path(directory) / WEIGHTS_FILE)
+
+
+def _read_adapter(directory: Path, manifest: AdapterManifest | None) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The adapter's PEFT config and weights, read and checked before any model is touched."""
+    from peft import PeftConfig
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise AdapterMismatchError(
+            f"{directory} has no {WEIGHTS_FILE}; only safetensors adapters are loaded (never pickles)."
+        )
+    expected = manifest.extra.get(WEIGHTS_DIGEST) if manifest is not None else None
+    if expected is not None and weights_digest(directory) != expected:
+        raise AdapterMismatchError(
+            f"{weights} does not match the digest in its manifest ({str(expected)[:12]}...): the file was changed "
+            "or damaged. Restore the adapter folder from its source."
+        )
+    try:
+        config = PeftConfig.from_pretrained(str(directory))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise AdapterMismatchError(f"{directory}/adapter_config.json is not a valid PEFT config ({exc}).") from exc
+    try:
+        tensors = load_file(str(weights))
+    except (OSError, SafetensorError) as exc:
+        raise AdapterMismatchError(f"{weights} is damaged or truncated ({exc}); restore it from its source.") from exc
+    return config, tensors
 
 
 def check_adapter_dir(directory: str | Path) -> Path:
@@ -114,8 +165,9 @@ def load_adapter(
     The base check happens before anything is changed, so a refused adapter leaves the model as
     it was.
     """
-    from peft import PeftModel
-    from transformers import AutoTokenizer
+    from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel, set_peft_model_state_dict
+
+    from .resolve import load_pretrained
 
     directory = check_adapter_dir(directory)
     manifest = AdapterManifest.load(directory)
@@ -128,7 +180,7 @@ def load_adapter(
                 "Load the base it was trained for, or retrain the adapter on this base."
             )
     has_tokenizer = (directory / "tokenizer_config.json").is_file()
-    new_tokenizer = AutoTokenizer.from_pretrained(directory) if has_tokenizer else tokenizer
+    new_tokenizer = load_pretrained(str(directory), "tokenizer") if has_tokenizer else tokenizer
     if not has_tokenizer and manifest is not None and manifest.mark_tokens:
         new_tokenizer = copy.deepcopy(tokenizer)
         new_tokenizer.add_special_tokens({"additional_special_tokens": list(manifest.mark_tokens)})
@@ -138,12 +190,22 @@ def load_adapter(
                 f"Adapter {directory} expects marking tokens {manifest.mark_tokens} at ids "
                 f"{manifest.mark_token_ids}, but this tokenizer assigns {got}. It was trained with another tokenizer."
             )
+    peft_config, tensors = _read_adapter(directory, manifest)
     rows = model.get_input_embeddings().weight.shape[0]
     if len(new_tokenizer) > rows:
         model.resize_token_embeddings(len(new_tokenizer), mean_resizing=False)
+    peft_model = None
     try:
-        peft_model = PeftModel.from_pretrained(model, directory)
-    except (RuntimeError, ValueError, KeyError) as exc:
+        peft_config.inference_mode = True
+        wrapper = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)
+        peft_model = wrapper(model, peft_config)
+        result = set_peft_model_state_dict(peft_model, tensors)
+        missing = [k for k in result.missing_keys if ("lora_" in k or "trainable_tokens" in k) and "lm_head." not in k]
+        if missing:
+            raise KeyError(f"the adapter lacks {missing[0]}")
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if peft_model is not None:  # take the injected layers out again: the model is left as it was
+            peft_model.base_model.unload()
         if len(new_tokenizer) > rows:
             model.resize_token_embeddings(rows)
         raise AdapterMismatchError(

@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from .bench.speed import MODES as SPEED_MODES
 from .bench.speed import NAMED_CONFIGS
@@ -20,7 +22,22 @@ from .errors import ConfigError, FlashBackError
 from .events import FinishEvent, Retrieval, RetrievalEvent, TokenEvent
 from .samples import sample_corpus_dir
 
-app = typer.Typer(help="FlashBack: retrieval-augmented generation with KV-cache reuse.", no_args_is_help=True)
+
+class _Group(TyperGroup):
+    """Every FlashBackError that reaches the top (any command) is one line on stderr and exit 2, never a
+    traceback: each error names the problem and the fix."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FlashBackError as exc:
+            Console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(2) from exc
+
+
+app = typer.Typer(
+    help="FlashBack: retrieval-augmented generation with KV-cache reuse.", no_args_is_help=True, cls=_Group
+)
 console = Console()
 err_console = Console(stderr=True)
 PersistDir = Annotated[
@@ -245,19 +262,18 @@ index_app = typer.Typer(
 app.add_typer(index_app, name="index")
 
 
-def _client(persist_dir: Path | None, host: str | None, port: int):
+def _client(persist_dir: Path | None, host: str | None, port: int, create: bool = False):
+    """A store client; only `index add` (create=True) may create an embedded store folder."""
     from .store import connect
 
-    return connect(persist_dir, host, port)
+    return connect(persist_dir, host, port, create=create)
 
 
 def load_tokenizer(name: str):
     """The reader model's tokenizer, used to size chunks in the reader's own tokens."""
-    from transformers import AutoTokenizer
+    from .resolve import load_pretrained, resolve_model
 
-    from .resolve import resolve_model
-
-    return AutoTokenizer.from_pretrained(resolve_model(name))
+    return load_pretrained(resolve_model(name), "tokenizer")
 
 
 def _tokenizer_label(name: str) -> str:
@@ -288,7 +304,7 @@ def index_add(
     from .store import Embedder, ingest
 
     try:
-        client = _client(persist_dir, chroma_host, chroma_port)
+        client = _client(persist_dir, chroma_host, chroma_port, create=True)
         report = ingest(
             client,
             collection,
@@ -953,10 +969,8 @@ def train(
     chroma_port: ChromaPort = 8000,
 ) -> None:
     """Train the FlashBack adapter (LoRA + marking tokens) and write it with its manifest and loss curve."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .data import ExampleSettings, load_examples
-    from .resolve import resolve_model
+    from .resolve import load_pretrained, resolve_model
     from .training import TrainConfig
     from .training import train as run_training
 
@@ -1021,14 +1035,14 @@ def train(
             )
         data_info.pop("val_sources", None)
         source = resolve_model(model)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        base = AutoModelForCausalLM.from_pretrained(source, dtype="float32")
+        tokenizer = load_pretrained(source, "tokenizer")
+        base = load_pretrained(source, "model", dtype="float32")
         teacher = None
         if teacher_adapter is not None:
             from .adapter import load_adapter
 
-            teacher_base = AutoModelForCausalLM.from_pretrained(source, dtype="float32")
-            teacher, _, _ = load_adapter(teacher_base, AutoTokenizer.from_pretrained(source), teacher_adapter)
+            teacher_base = load_pretrained(source, "model", dtype="float32")
+            teacher, _, _ = load_adapter(teacher_base, load_pretrained(source, "tokenizer"), teacher_adapter)
             data_info["teacher_adapter"] = str(teacher_adapter)
         result = run_training(
             base,

@@ -7,7 +7,7 @@ decides when to retrieve, what the model sees, how a token is chosen, and what i
 
 from __future__ import annotations
 
-import concurrent.futures
+import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -54,12 +54,44 @@ class GenerationSpec:
     fingerprint: Hashable | None = None
 
 
+_STUCK_LOCK = threading.Lock()
+_STUCK: dict[int, tuple[Any, threading.Thread]] = {}  # id(retriever) -> (it, its call that timed out)
+
+
+def _call_with_timeout(fn: Callable[[str, int], list[Passage]], query: str, k: int, timeout: float) -> list[Passage]:
+    """Run a retrieval in a daemon thread: a hung retriever never keeps the interpreter alive, and
+    while one of its calls is still hung no other is started (threads never pile up)."""
+    owner = getattr(fn, "source", fn)
+    with _STUCK_LOCK:
+        held = _STUCK.get(id(owner))
+        if held is not None and held[0] is owner and held[1].is_alive():
+            raise TimeoutError("an earlier call to this retriever timed out and is still running; not starting another")
+        _STUCK.pop(id(owner), None)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(query, k)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's policy
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="flashback-retriever", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        with _STUCK_LOCK:
+            _STUCK[id(owner)] = (owner, thread)
+        raise TimeoutError(f"retriever took longer than retrieval_timeout={timeout}s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 class _Retriever:
     """Runs the user's retriever with the timeout and error policy, and times it."""
 
     def __init__(self, spec: GenerationSpec) -> None:
         self.spec = spec
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def __call__(self, query: str) -> tuple[list[Passage], float, str | None]:
         cfg = self.spec.config
@@ -68,18 +100,7 @@ class _Retriever:
             if cfg.retrieval_timeout is None:
                 passages = self.spec.retrieve(query, cfg.top_k)  # type: ignore[misc]
             else:
-                if self._pool is None:
-                    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flashback-retr")
-                future = self._pool.submit(self.spec.retrieve, query, cfg.top_k)  # type: ignore[arg-type]
-                try:
-                    passages = future.result(timeout=cfg.retrieval_timeout)
-                except concurrent.futures.TimeoutError:
-                    # the stuck call keeps its thread; later retrievals get a fresh one
-                    self._pool.shutdown(wait=False, cancel_futures=True)
-                    self._pool = None
-                    raise TimeoutError(
-                        f"retriever took longer than retrieval_timeout={cfg.retrieval_timeout}s"
-                    ) from None
+                passages = _call_with_timeout(self.spec.retrieve, query, cfg.top_k, cfg.retrieval_timeout)  # type: ignore[arg-type]
         except RetrievalError:
             raise  # wrong return type: a bug in the retriever, never skipped
         except Exception as exc:  # noqa: BLE001 - the policy decides
@@ -93,8 +114,7 @@ class _Retriever:
         return passages, time.perf_counter() - started, None
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        """Nothing to release: a hung call's daemon thread ends with it or with the interpreter."""
 
 
 def run(model: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:

@@ -10,7 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .config import FlashBackConfig
 from .devices import resolve_device, resolve_dtype
 from .errors import ConfigError
+from .layout import block_budget
 from .model import FlashBackModel
+from .sampling import validate_sampling
 
 
 class FlashBackSettings(BaseModel):
@@ -53,11 +55,40 @@ class FlashBackSettings(BaseModel):
     def _flashback_check_settings(self) -> FlashBackSettings:
         """Validate the FlashBack settings at construction, not at the first call (a validator rather
         than ``model_post_init``, which the frameworks' base classes use themselves)."""
-        self.flashback_config()
+        config = self.flashback_config()
+        validate_sampling(self.temperature, self.top_p, self.max_new_tokens, self.seed, self.stop)
         resolve_dtype(self.dtype)
         if self.device is not None:
             resolve_device(self.device)
+        window = self._window()
+        if window is not None and config.retrieves:
+            block = block_budget(config.top_k, config.max_doc_tokens, config.marks is not False)
+            if block + self.max_new_tokens >= window:
+                raise ConfigError(
+                    f"top_k={config.top_k} x max_doc_tokens={config.max_doc_tokens} (a block of up to {block} tokens) "
+                    f"+ max_tokens={self.max_new_tokens} leave no room for a prompt in {self.model_label()!r}'s "
+                    f"{window}-token context; lower top_k, max_doc_tokens or max_tokens."
+                )
         return self
+
+    def _window(self) -> int | None:
+        """The model's context length, from a loaded model or its config file (no weights loaded)."""
+        if self.flashback_model is not None:
+            return self.flashback_model.context_window
+        try:
+            from transformers import AutoConfig
+
+            from .resolve import resolve_model
+
+            cfg = AutoConfig.from_pretrained(resolve_model(self.model), trust_remote_code=False)
+        except Exception:  # noqa: BLE001 - unreachable here; the call itself checks the window again
+            return None
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(cfg, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     def flashback_config(self) -> FlashBackConfig:
         return FlashBackConfig(

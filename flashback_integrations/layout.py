@@ -6,6 +6,7 @@ layout that is trained is the layout that is served and scored.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,33 @@ def find_mark_ids(tokenizer: Any) -> MarkIds | None:
     return MarkIds(*ids)
 
 
+def _special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text (e.g. BOS) when asked for special tokens."""
+    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    for at in range(len(full) - len(bare) + 1):
+        if full[at : at + len(bare)] == bare:
+            return full[:at], full[at + len(bare) :]
+    return [], []
+
+
+def encode_text(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of user or passage text; the mark strings in it stay text, never the mark ids, so no
+    prompt, message or document can open or close a passage block. Other special tokens (a chat
+    template's own) are parsed as usual."""
+    if (MARK_L not in text and MARK_R not in text) or find_mark_ids(tokenizer) is None:
+        return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    ids: list[int] = []
+    for piece in re.split(f"({re.escape(MARK_L)}|{re.escape(MARK_R)})", text):
+        if piece:
+            literal = piece in (MARK_L, MARK_R)
+            ids += tokenizer(piece, add_special_tokens=False, split_special_tokens=literal)["input_ids"]
+    if add_special_tokens:
+        before, after = _special_frame(tokenizer)
+        ids = [*before, *ids, *after]
+    return ids
+
+
 def _each_passage_ids(tokenizer: Any, passages: Sequence[Passage], max_doc_tokens: int) -> list[list[int]]:
     special = set(tokenizer.all_special_ids)
     out: list[list[int]] = []
@@ -40,7 +68,7 @@ def _each_passage_ids(tokenizer: Any, passages: Sequence[Passage], max_doc_token
         if passage.token_ids is not None:
             tokens = list(passage.token_ids)
         else:
-            tokens = tokenizer(passage.text, add_special_tokens=False)["input_ids"]
+            tokens = encode_text(tokenizer, passage.text, add_special_tokens=False)
         out.append([t for t in tokens if t not in special][:max_doc_tokens])
     return out
 

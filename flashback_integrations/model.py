@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,8 +18,8 @@ from .devices import resolve_device, resolve_dtype
 from .errors import ConfigError, ContextWindowError, MarksUnavailableError
 from .events import Event, FlashBackCallback, GenerationResult, final_result
 from .kvcache import DEFAULT_PASSAGE_CACHE_BYTES, PassageKVCache, uses_rotary_positions, weights_fingerprint
-from .layout import MARK_L, MARK_R, MarkIds, block_budget, find_mark_ids
-from .resolve import resolve_model
+from .layout import MARK_L, MARK_R, MarkIds, block_budget, encode_text, find_mark_ids
+from .resolve import load_pretrained, resolve_model
 from .retrieval import RetrieverLike, as_retrieve_fn
 from .sampling import validate_sampling
 
@@ -28,6 +29,12 @@ SHIPPED_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-flashback"
 def shipped_adapter() -> Path | None:
     """The FlashBack adapter (append + LoRA + marks) trained for the default model, if packaged."""
     return SHIPPED_ADAPTER if (SHIPPED_ADAPTER / "adapter_config.json").is_file() else None
+
+
+def _is_id(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _choose_adapter(name: str, adapter: str | Path | bool | None, config: FlashBackConfig | None) -> str | Path | None:
@@ -89,15 +96,13 @@ class FlashBackModel:
         FlashBack adapter shipped in the package unless ``adapter="none"`` (or ``False``) or
         ``config.marks is False``.
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         dtype = resolve_dtype(dtype)
         device = resolve_device(device) if device is not None else None
         adapter = _choose_adapter(name_or_path, adapter, config)
 
         source = resolve_model(name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **model_kwargs)
+        tokenizer = load_pretrained(source, "tokenizer")
+        model = load_pretrained(source, "model", dtype=dtype, **model_kwargs)
         if device is not None:
             model.to(device)
         manifest = None
@@ -167,8 +172,26 @@ class FlashBackModel:
 
     # ----------------------------------------------------------------- generation
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        """Prompt ids as the model sees them (the tokenizer's own special-token policy)."""
-        ids = list(self.tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else [int(i) for i in prompt]
+        """Prompt ids as the model sees them (the tokenizer's own special-token policy; text never
+        yields the marking tokens, which only bound retrieved passages)."""
+        if isinstance(prompt, str):
+            ids = encode_text(self.tokenizer, prompt)
+        elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
+            ids = [int(i) for i in prompt] if all(_is_id(i) for i in prompt) else None
+            if ids is None:
+                raise ConfigError("prompt ids must be integers; pass a string or a list of token ids.")
+            rows = self.model.get_input_embeddings().weight.shape[0]
+            bad = [i for i in ids if not 0 <= i < rows]
+            if bad:
+                raise ConfigError(f"prompt ids {bad[:5]} are outside this model's vocabulary [0, {rows}).")
+            marks = self.mark_ids
+            if marks is not None and (marks.left in ids or marks.right in ids):
+                raise ConfigError(
+                    f"prompt ids contain the marking tokens {MARK_L}/{MARK_R} ({marks.left}, {marks.right}); they "
+                    "only bound retrieved passages. Remove them from the prompt."
+                )
+        else:
+            raise ConfigError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}.")
         if not ids:
             bos = self.tokenizer.bos_token_id
             if bos is None:
@@ -182,10 +205,15 @@ class FlashBackModel:
         """Prompt ids for a conversation through the tokenizer's chat template, ready for the answer."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ConfigError(f"{self.name!r} has no chat template; pass plain text prompts instead.")
-        encoded = self.tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=True, return_dict=True
-        )
-        return list(encoded["input_ids"])
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+            raise ConfigError("chat_ids needs a non-empty list of messages ({'role': ..., 'content': ...}).")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ConfigError(
+                    f"message {i} must be a dict with a string 'role' and a string 'content', got {m!r:.120}."
+                )
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        return encode_text(self.tokenizer, text, add_special_tokens=False)
 
     def resolve_config(self, config: FlashBackConfig | None = None, **overrides: Any) -> FlashBackConfig:
         config = config or self.config
@@ -220,7 +248,7 @@ class FlashBackModel:
     ) -> engine.GenerationSpec:
         """Validate everything and fail before any model work."""
         config = self.resolve_config(config)
-        validate_sampling(temperature, top_p, max_new_tokens)
+        stop = validate_sampling(temperature, top_p, max_new_tokens, seed, stop)
         if config.retrieves and retriever is None:
             raise ConfigError(
                 f"mode={config.mode!r} needs a retriever (an object with retrieve(query, k) or a "
@@ -250,8 +278,6 @@ class FlashBackModel:
                 f"{' + 2 marks' if marks else ''}) needs a context of {needed} tokens, but {self.name!r} "
                 f"has {window}. Shorten the prompt, lower max_new_tokens, top_k or max_doc_tokens."
             )
-        if isinstance(stop, str):
-            stop = [stop]
         return engine.GenerationSpec(
             prompt_ids=prompt_ids,
             config=config,

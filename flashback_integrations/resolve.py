@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .errors import ModelResolutionError
 
@@ -55,9 +56,21 @@ def default_gguf_path() -> Path | None:
     return None
 
 
+def looks_like_path(name: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else with a separator is a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
 def resolve_model(name_or_path: str) -> str:
     """A local directory or hub id that ``from_pretrained`` can load."""
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ModelResolutionError(f"model must be 'default', a hub id or a folder, got {name_or_path!r}.")
     if name_or_path != "default":
+        if looks_like_path(name_or_path) and not Path(name_or_path).expanduser().exists():
+            raise ModelResolutionError(
+                f"model folder {name_or_path} does not exist; pass 'default', a hub id (org/name) or an "
+                "existing folder with config.json and weights."
+            )
         return name_or_path
     gguf = default_gguf_path()
     if gguf is None:
@@ -78,6 +91,8 @@ def convert_default_gguf(gguf: Path, home: Path | None = None) -> Path:
     with FileLock(str(locks / f"{target.name}.lock")):
         if _is_converted(target):  # another process finished while we waited
             return target
+        for stale in target.parent.glob(".convert-*"):  # a killed conversion's leftovers (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         digest = sha256_file(gguf)
         if digest != DEFAULT_GGUF_SHA256:
             raise ModelResolutionError(
@@ -87,8 +102,9 @@ def convert_default_gguf(gguf: Path, home: Path | None = None) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
         try:
             _dequantize(gguf, tmp)
+            files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
             (tmp / _MARKER).write_text(
-                json.dumps({"gguf": gguf.name, "sha256": digest, "hub_id": DEFAULT_MODEL_ID}, indent=2)
+                json.dumps({"gguf": gguf.name, "sha256": digest, "hub_id": DEFAULT_MODEL_ID, "files": files}, indent=2)
             )
             if target.exists():
                 shutil.rmtree(target)  # an incomplete earlier attempt
@@ -98,14 +114,49 @@ def convert_default_gguf(gguf: Path, home: Path | None = None) -> Path:
     return target
 
 
+_VERIFIED: dict[Path, tuple[int, int, int]] = {}  # folder -> (inode, size, mtime) of its weights when checked
+
+
 def _is_converted(target: Path) -> bool:
+    """The folder holds a complete conversion whose every file matches the digests recorded at
+    conversion (checked once per process while the weights file is untouched); else it is redone."""
     marker = target / _MARKER
-    if not marker.is_file() or not (target / "model.safetensors").is_file():
+    weights = target / "model.safetensors"
+    if not marker.is_file() or not weights.is_file():
         return False
     try:
-        return json.loads(marker.read_text()).get("sha256") == DEFAULT_GGUF_SHA256
+        record = json.loads(marker.read_text())
     except (OSError, ValueError):
         return False
+    if not isinstance(record, dict) or record.get("sha256") != DEFAULT_GGUF_SHA256 or not record.get("files"):
+        return False  # an older conversion without file digests: redo it once
+    st = weights.stat()
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    if _VERIFIED.get(target) == stamp:
+        return True
+    files = record["files"]
+    if any(not (target / name).is_file() or sha256_file(target / name) != digest for name, digest in files.items()):
+        import warnings
+
+        warnings.warn(f"{target} does not match the digests recorded at conversion; converting again.", stacklevel=3)
+        return False
+    _VERIFIED[target] = stamp
+    return True
+
+
+def load_pretrained(source: str, kind: str = "model", **kwargs: Any) -> Any:
+    """``AutoTokenizer``/``AutoModelForCausalLM.from_pretrained`` with remote code refused and
+    loading failures turned into a :class:`ModelResolutionError` that says what to pass."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loader = AutoTokenizer if kind == "tokenizer" else AutoModelForCausalLM
+    try:
+        return loader.from_pretrained(source, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelResolutionError(
+            f"cannot load {kind} {source!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). Pass "
+            "'default', a hub id reachable from here, or a folder with config.json, weights and tokenizer."
+        ) from exc
 
 
 def _dequantize(gguf: Path, out: Path) -> None:

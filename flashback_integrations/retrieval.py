@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -59,6 +59,7 @@ def as_retrieve_fn(retriever: RetrieverLike) -> Callable[[str, int], list[Passag
         raw = fn(query, k)
         return coerce_passages(raw, source=name)[:k]
 
+    retrieve.source = retriever  # type: ignore[attr-defined]  # who a hung call belongs to
     return retrieve
 
 
@@ -66,7 +67,7 @@ def coerce_passages(raw: Any, source: str = "retriever") -> list[Passage]:
     """Turn a retriever's answer into ``Passage`` objects, refusing anything that is not text."""
     if raw is None:
         return []
-    if isinstance(raw, (str, bytes)) or not isinstance(raw, Iterable):
+    if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, Iterable):
         raise RetrievalError(
             f"{source} returned {type(raw).__name__}; a retriever must return a list of str or Passage."
         )
@@ -102,9 +103,18 @@ class BM25Retriever:
     ) -> None:
         import bm25s
 
-        texts = [t for t in texts]
+        if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
+            raise ConfigError(f"BM25Retriever takes a list of texts, got {type(texts).__name__}.")
+        texts = list(texts)
         if not texts:
             raise ConfigError("BM25Retriever needs at least one text; the corpus is empty.")
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise ConfigError(f"BM25Retriever texts must be str; item {bad} is {type(texts[bad]).__name__}.")
+        if not any(bm25s.tokenize(texts, stopwords=stopwords, return_ids=False, show_progress=False)):
+            raise ConfigError(
+                "BM25Retriever found no searchable word in its texts (empty, or stop words only); give it real text."
+            )
         if ids is not None and len(ids) != len(texts):
             raise ConfigError(f"BM25Retriever got {len(texts)} texts but {len(ids)} ids.")
         self.texts = list(texts)
@@ -118,18 +128,15 @@ class BM25Retriever:
     @classmethod
     def from_files(cls, paths: Iterable[str | Path], chunk_words: int = 100, stopwords: str = "en") -> BM25Retriever:
         """Index text files, cut into chunks of ``chunk_words`` words (folders are walked)."""
+        from .files import iter_files, read_text
+
         texts: list[str] = []
         ids: list[str] = []
-        files: list[Path] = []
-        for p in map(Path, paths):
-            if p.is_dir():
-                files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
-            elif p.is_file():
-                files.append(p)
-            else:
-                raise ConfigError(f"Corpus path {p} does not exist.")
-        for f in files:
-            words = f.read_text(encoding="utf-8", errors="replace").split()
+        for f in iter_files(paths):
+            text, _ = read_text(f)
+            if text is None:  # binary or empty: skipped, as `index add` does
+                continue
+            words = text.split()
             for start in range(0, len(words), chunk_words):
                 texts.append(" ".join(words[start : start + chunk_words]))
                 ids.append(f"{f}#{start // chunk_words}")

@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+from typing import Any
+
 import torch
 
 from .errors import ConfigError
 
 
-def validate_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
-    if temperature < 0:
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r} ({type(value).__name__}).")
+    return float(value)
+
+
+def validate_sampling(
+    temperature: Any, top_p: Any, max_new_tokens: Any, seed: Any = None, stop: Any = None
+) -> list[str]:
+    """Check every sampling setting the API, the CLI and both frameworks pass; returns the stop list."""
+    if _real("temperature", temperature) < 0:
         raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {temperature}.")
-    if not 0 < top_p <= 1:
+    if not 0 < _real("top_p", top_p) <= 1:
         raise ConfigError(f"top_p must be in (0, 1], got {top_p}.")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ConfigError(f"seed must be a non-negative integer or None, got {seed!r}.")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(x, str) for x in stops):
+        raise ConfigError(f"stop must be a string or a list of strings, got {stop!r}.")
+    if any(x == "" for x in stops):
+        raise ConfigError("stop strings must not be empty (an empty stop would end every generation at once).")
+    return list(stops)
 
 
 def choose_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:

@@ -8,12 +8,14 @@ new chunks written before its stale ones are deleted (a crash never loses the ol
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, FlashBackError
+from ..files import iter_files, read_text
 from ..resolve import flashback_home
 from ..retrieval import Passage
 from .chunking import check_chunking, chunk_text
@@ -24,7 +26,6 @@ META_DIM = "flashback_embedding_dim"
 META_CHUNK_TOKENS = "flashback_chunk_tokens"
 META_OVERLAP = "flashback_chunk_overlap"
 META_TOKENIZER = "flashback_chunk_tokenizer"
-_SNIFF_BYTES = 8192
 
 
 class StoreError(FlashBackError, RuntimeError):
@@ -36,8 +37,12 @@ def default_persist_dir() -> Path:
     return flashback_home() / "chroma"
 
 
-def connect(persist_dir: str | Path | None = None, host: str | None = None, port: int = 8000) -> Any:
-    """An embedded ``PersistentClient`` at ``persist_dir``, or an ``HttpClient`` when ``host`` is given."""
+def connect(
+    persist_dir: str | Path | None = None, host: str | None = None, port: int = 8000, create: bool = True
+) -> Any:
+    """An embedded ``PersistentClient`` at ``persist_dir``, or an ``HttpClient`` when ``host`` is given.
+
+    ``create=False`` (commands that only read) refuses a folder that does not exist instead of making one."""
     import chromadb
     from chromadb.config import Settings
 
@@ -54,9 +59,32 @@ def connect(persist_dir: str | Path | None = None, host: str | None = None, port
                 f"`chroma run --path DIR --host {host} --port {port}` or use the embedded store (--persist-dir)."
             ) from exc
         return client
-    path = Path(persist_dir) if persist_dir is not None else default_persist_dir()
-    path.mkdir(parents=True, exist_ok=True)
-    return chromadb.PersistentClient(path=str(path), settings=settings)
+    path = Path(persist_dir).expanduser() if persist_dir is not None else default_persist_dir()
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"persist dir {path} is a file, not a folder; pass a folder for the embedded store.")
+    if not path.exists():
+        if not create:
+            raise StoreError(f"no store at {path}; check --persist-dir, or create one with `flashback index add`.")
+        try:
+            path.mkdir(parents=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the store folder {path} ({exc.strerror}); pass a writable --persist-dir."
+            ) from exc
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise StoreError(f"store folder {path} is not readable by this user; fix its permissions or pass another.")
+    if not os.access(path, os.W_OK):
+        raise StoreError(
+            f"store folder {path} is read-only; Chroma's embedded store writes to its database even to read. "
+            "Copy it somewhere writable, or serve it with `chroma run` and use --chroma-host."
+        )
+    try:
+        return chromadb.PersistentClient(path=str(path), settings=settings)
+    except Exception as exc:  # noqa: BLE001 - chromadb raises many types for a damaged folder
+        raise StoreError(
+            f"cannot open the Chroma store at {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "is it a Chroma folder of a compatible version?"
+        ) from exc
 
 
 def collection_names(client: Any) -> list[str]:
@@ -107,37 +135,6 @@ class IngestReport:
     seconds: float = 0.0
 
 
-def iter_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Files under ``paths`` (folders walked, hidden entries skipped), in a stable order."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files.extend(
-                f
-                for f in sorted(p.rglob("*"))
-                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
-            )
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise ConfigError(f"{p} does not exist.")
-    return files
-
-
-def read_text(path: Path) -> tuple[str | None, str]:
-    """(text, status): status is ``ok``, ``binary``, ``empty`` or ``replaced`` (not valid UTF-8)."""
-    data = path.read_bytes()
-    if b"\0" in data[:_SNIFF_BYTES]:
-        return None, "binary"
-    try:
-        text, status = data.decode("utf-8"), "ok"
-    except UnicodeDecodeError:
-        text, status = data.decode("utf-8", errors="replace"), "replaced"
-    if not text.strip():
-        return None, "empty"
-    return text, status
-
-
 def ingest(
     client: Any,
     collection_name: str,
@@ -150,14 +147,17 @@ def ingest(
     batch_size: int = 64,
     on_file: Callable[[Path, IngestReport], None] | None = None,
     progress: bool = True,
+    follow_symlinks: bool = False,
 ) -> IngestReport:
     """Chunk, embed and write ``paths`` into ``collection_name``; safe to re-run and to interrupt."""
     import time
 
     started = time.perf_counter()
     check_chunking(chunk_tokens, overlap)  # before the collection exists: its metadata records these
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer (chunks per write), got {batch_size!r}.")
     embedder = embedder or Embedder(DEFAULT_EMBEDDING_MODEL)
-    files = iter_files(paths)
+    files = iter_files(paths, follow_symlinks)
     settings = {
         META_EMBEDDING: embedder.name,
         META_DIM: embedder.dimension,
@@ -291,7 +291,7 @@ class ChromaRetriever:
         exclude_source: str | Path | Sequence[str | Path] | None = None,
     ) -> None:
         if isinstance(collection, str):
-            client = client if client is not None else connect(persist_dir, host, port)
+            client = client if client is not None else connect(persist_dir, host, port, create=False)
             collection = get_collection(client, collection)
         self.collection = collection
         meta = collection.metadata or {}
@@ -313,6 +313,8 @@ class ChromaRetriever:
         return build_where(self.where, self.exclude_source)
 
     def retrieve(self, query: str, k: int) -> list[Passage]:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"k (passages to retrieve) must be a positive integer, got {k!r}.")
         if self.collection.count() == 0:
             raise StoreError(
                 f"Collection {self.collection.name!r} is empty; add documents with "

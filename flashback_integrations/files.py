@@ -1,0 +1,46 @@
+"""The one file walker and text sniffer: the store, BM25 and the example builder read corpora alike."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import ConfigError
+
+SNIFF_BYTES = 8192
+
+
+def iter_files(paths: Iterable[str | Path], follow_symlinks: bool = False) -> list[Path]:
+    """Files under ``paths`` (folders walked, hidden entries skipped), in a stable order.
+
+    A symlink inside a folder that points outside it is skipped unless ``follow_symlinks``: ingesting
+    ``docs/`` must not pull in whatever a link there reaches (``~/.ssh``, ``/etc``)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            root = p.resolve()
+            for f in sorted(p.rglob("*")):
+                if not f.is_file() or any(part.startswith(".") for part in f.relative_to(p).parts):
+                    continue
+                if not follow_symlinks and not f.resolve().is_relative_to(root):
+                    continue
+                files.append(f)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ConfigError(f"{p} does not exist.")
+    return files
+
+
+def read_text(path: Path) -> tuple[str | None, str]:
+    """(text, status): status is ``ok``, ``binary``, ``empty`` or ``replaced`` (not valid UTF-8)."""
+    data = path.read_bytes()
+    if b"\0" in data[:SNIFF_BYTES]:
+        return None, "binary"
+    try:
+        text, status = data.decode("utf-8"), "ok"
+    except UnicodeDecodeError:
+        text, status = data.decode("utf-8", errors="replace"), "replaced"
+    if not text.strip():
+        return None, "empty"
+    return text, status
