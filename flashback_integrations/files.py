@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,12 +20,13 @@ def iter_files(paths: Iterable[str | Path], follow_symlinks: bool = False) -> li
     for p in map(Path, paths):
         if p.is_dir():
             root = p.resolve()
-            for f in sorted(p.rglob("*")):
-                if not f.is_file() or any(part.startswith(".") for part in f.relative_to(p).parts):
-                    continue
-                if not follow_symlinks and not f.resolve().is_relative_to(root):
-                    continue
-                files.append(f)
+            found = []
+            for folder, dirs, names in os.walk(p, followlinks=follow_symlinks):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                found += [Path(folder, n) for n in names if not n.startswith(".")]
+            for f in sorted(found):
+                if f.is_file() and (follow_symlinks or f.resolve().is_relative_to(root)):
+                    files.append(f)
         elif p.is_file():
             files.append(p)
         else:

@@ -186,3 +186,10 @@ def save_tiny_base(path, arch: str = "llama", seed: int = 0) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def make_chat_model(arch: str = "llama", marks: bool = True):
+    """A tiny model with marks and a chat template, in memory."""
+    model, tok = make_model(arch, marks=marks)
+    tok.chat_template = CHAT_TEMPLATE
+    return model, tok
