@@ -109,7 +109,7 @@ def test_a_hung_retriever_never_blocks_exit_nor_piles_up_threads(tmp_path) -> No
     script = textwrap.dedent(
         """
         import sys, threading, time
-        sys.path.insert(0, %r)
+        sys.path.insert(0, TESTS)
         from tiny import make_model
         from flashback_integrations import FlashBackConfig, FlashBackModel
         model, tok = make_model("llama", marks=True)
@@ -125,8 +125,7 @@ def test_a_hung_retriever_never_blocks_exit_nor_piles_up_threads(tmp_path) -> No
         print(len(out.retrievals), sum(r.error is not None for r in out.retrievals), threading.active_count() - base)
         print("took", round(took, 2))
         """
-        % str(Path(__file__).parent)
-    )
+    ).replace("TESTS", repr(str(Path(__file__).parent)))
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
     elapsed = time.perf_counter() - started
