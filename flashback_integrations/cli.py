@@ -68,12 +68,13 @@ def _print_retrieval(r: Retrieval) -> None:
     )
 
 
-def _load(model: str, adapter: str | None):
+def _load(model: str, adapter: str | None, mode: str | None = None):
+    """The model (with ``adapter``, or for ``"default"`` the shipped adapter of ``mode``), shared."""
     from .model import FlashBackModel
 
     with console.status(f"Loading {model}{' + ' + adapter if adapter else ''} ..."):
         started = time.perf_counter()
-        fb = FlashBackModel.from_pretrained(model, adapter=adapter)
+        fb = FlashBackModel.shared(model, adapter=adapter, mode=mode)
     console.print(
         f"[dim]loaded {fb.name} in {time.perf_counter() - started:.1f}s; marks available: {fb.mark_ids is not None}[/]"
     )
@@ -86,7 +87,10 @@ def generate(
     corpus: Annotated[list[Path] | None, typer.Option("--corpus", "-c", help="Text files/folders for BM25.")] = None,
     model: Annotated[str, typer.Option(help="'default', a hub id or a local path.")] = "default",
     adapter: Annotated[str | None, typer.Option(help="FlashBack adapter directory.")] = None,
-    mode: Annotated[str, typer.Option(help="append | prepend | isolated | none")] = "append",
+    mode: Annotated[
+        str | None,
+        typer.Option(help="append | prepend | isolated | none (default: the adapter's layout; 'default': isolated)"),
+    ] = None,
     tail_tokens: Annotated[int, typer.Option(help="isolated: history tokens that read the passages.")] = 1,
     passage_sink: Annotated[
         bool, typer.Option("--passage-sink/--no-passage-sink", help="isolated: passages also see the first token.")
@@ -109,10 +113,12 @@ def generate(
     chroma_port: ChromaPort = 8000,
 ) -> None:
     """Continue PROMPT, retrieving every --stride tokens from --collection (Chroma) or --corpus (BM25)."""
+    from .model import default_mode_for
     from .retrieval import BM25Retriever
     from .store import ChromaRetriever
 
     try:
+        mode = mode or default_mode_for(model, adapter)
         config = FlashBackConfig(
             mode=mode,
             stride=stride,
@@ -130,7 +136,7 @@ def generate(
             retriever = ChromaRetriever(collection, client=_client(persist_dir, chroma_host, chroma_port))
         elif config.retrieves:
             retriever = BM25Retriever.from_files(corpus or [sample_corpus_dir()], chunk_words=80)
-        fb = _load(model, adapter)
+        fb = _load(model, adapter, mode)
         events = fb.stream(
             prompt,
             retriever,
@@ -171,6 +177,12 @@ def default_dir() -> Path:
     return default_persist_dir()
 
 
+def _activated(fb) -> bool:
+    from .activation import is_activated
+
+    return is_activated(fb.model)
+
+
 DEMO_QUESTIONS = (
     "How do I pretty-print JSON with the json module?",
     "How do I serve the files of a folder over HTTP from Python?",
@@ -187,10 +199,12 @@ def demo(
     persist_dir: PersistDir = None,
 ) -> None:
     """Answer questions with retrieval over the bundled corpus, then time each mode."""
+    from .model import default_mode_for
     from .store import ChromaRetriever, Embedder, connect, ingest
 
     corpus = sample_corpus_dir()
-    fb = _load(model, adapter)
+    first = default_mode_for(model, adapter)
+    fb = _load(model, adapter, first)
     client = connect(persist_dir)
     report = ingest(
         client,
@@ -207,7 +221,10 @@ def demo(
         f"[dim]Chroma collection {SAMPLE_COLLECTION!r} at {escape(str(persist_dir or default_dir()))}: "
         f"{report.chunks_total} chunks of {escape(str(corpus))} ({report.chunks_added} added now)[/]"
     )
-    base = FlashBackConfig(stride=stride, query_tokens=32, top_k=1, max_doc_tokens=128)
+    base = FlashBackConfig(mode=first, stride=stride, query_tokens=32, top_k=1, max_doc_tokens=128)
+    console.print(
+        f"[dim]mode {first}{' (activated adapter: the base model until the passage)' if _activated(fb) else ''}[/]"
+    )
     prompts = [fb.chat_ids([{"role": "user", "content": q}]) for q in DEMO_QUESTIONS]
     fb.generate(prompts[0], max_new_tokens=2, config=base.replace(mode="none"))  # warm-up
     for question, prompt in zip(DEMO_QUESTIONS, prompts, strict=True):
@@ -231,8 +248,11 @@ def demo(
         modes = ("isolated", *modes)
     for mode in modes:
         seconds, forwarded = 0.0, 0
+        fb_mode = fb if adapter is not None or model != "default" else _load(model, None, mode)
+        if _activated(fb_mode) and mode in ("append", "prepend"):
+            continue  # an activated adapter serves isolated/none only; pass --adapter for the others
         for question, prompt in zip(DEMO_QUESTIONS, prompts, strict=True):
-            result = fb.generate(
+            result = fb_mode.generate(
                 prompt,
                 retriever if mode != "none" else None,
                 config=base.replace(mode=mode),
@@ -1148,8 +1168,8 @@ def eval_ppl(
                 exclude_all_docs=True,
             )
             save_examples(out / f"{stem}.examples.jsonl.gz", ex, {"info": info, "model": model})
-        if flashback_adapter is None and model == "default" and shipped_adapter() is not None:
-            flashback_adapter = str(shipped_adapter())
+        if flashback_adapter is None and model == "default" and shipped_adapter("append") is not None:
+            flashback_adapter = str(shipped_adapter("append"))
         rows, skipped = paper_rows(flashback_adapter, prepend_adapter, append_adapter, isolated_adapter)
         if row:
             unknown = set(row) - {r.name for r in rows} - set(skipped)

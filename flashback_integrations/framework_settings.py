@@ -11,7 +11,7 @@ from .config import FlashBackConfig
 from .devices import resolve_device, resolve_dtype
 from .errors import ConfigError
 from .layout import block_budget
-from .model import FlashBackModel
+from .model import FlashBackModel, default_mode_for
 from .sampling import validate_sampling
 
 
@@ -26,7 +26,8 @@ class FlashBackSettings(BaseModel):
     """FlashBack adapter directory (LoRA + marking tokens)."""
     retriever: Any = None
     """A LangChain or LlamaIndex retriever, a ``ChromaRetriever``, or anything with ``retrieve(query, k)``."""
-    mode: str = "append"
+    mode: str | None = None
+    """None: the layout the model's adapter was trained for (``"default"``: isolated), else append."""
     stride: int = 16
     query_tokens: int = 32
     top_k: int = 1
@@ -90,9 +91,16 @@ class FlashBackSettings(BaseModel):
                 return value
         return None
 
+    def resolved_mode(self) -> str:
+        if self.mode is not None:
+            return self.mode
+        if self.flashback_model is not None:
+            return self.flashback_model.config.mode
+        return default_mode_for(self.model, self.adapter)
+
     def flashback_config(self) -> FlashBackConfig:
         return FlashBackConfig(
-            mode=self.mode,  # type: ignore[arg-type]
+            mode=self.resolved_mode(),  # type: ignore[arg-type]
             stride=self.stride,
             query_tokens=self.query_tokens,
             top_k=self.top_k,
@@ -111,14 +119,17 @@ class FlashBackSettings(BaseModel):
             return self.flashback_model
         # no private attribute here: pydantic would install its own model_post_init on this mixin and
         # shadow the framework base classes' one; the shared registry is the cache
-        return FlashBackModel.shared(self.model, self.adapter, dtype=self.dtype, device=self.device)
+        return FlashBackModel.shared(
+            self.model, self.adapter, dtype=self.dtype, device=self.device, mode=self.resolved_mode()
+        )
 
     def flashback_for_call(self, kwargs: dict[str, Any]) -> tuple[FlashBackModel, str]:
         """The model for one call: ``invoke(..., model="other")`` overrides the configured one."""
         override = kwargs.pop("model", None)
         if override is None or override == self.model:
             return self.flashback(), self.model_label()
-        return FlashBackModel.shared(override, self.adapter, dtype=self.dtype, device=self.device), override
+        mode = self.mode or default_mode_for(override, self.adapter)
+        return FlashBackModel.shared(override, self.adapter, dtype=self.dtype, device=self.device, mode=mode), override
 
     def model_label(self) -> str:
         return self.flashback_model.name if self.flashback_model is not None else self.model

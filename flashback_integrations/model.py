@@ -23,12 +23,39 @@ from .resolve import load_pretrained, resolve_model
 from .retrieval import RetrieverLike, as_retrieve_fn
 from .sampling import validate_sampling
 
-SHIPPED_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-flashback"
+ADAPTERS = Path(__file__).parent / "adapters"
+SHIPPED_ADAPTERS = {
+    "isolated": ADAPTERS / "smollm2-135m-isolated",  # activated: the base model until the passage
+    "append": ADAPTERS / "smollm2-135m-flashback",  # the paper's layout: append + LoRA + marks
+    "prepend": ADAPTERS / "smollm2-135m-prepend",  # In-Context RALM's layout: prepend + LoRA + marks
+}
+SHIPPED_ADAPTER = SHIPPED_ADAPTERS["append"]
 
 
-def shipped_adapter() -> Path | None:
-    """The FlashBack adapter (append + LoRA + marks) trained for the default model, if packaged."""
-    return SHIPPED_ADAPTER if (SHIPPED_ADAPTER / "adapter_config.json").is_file() else None
+def _packaged(path: Path) -> Path | None:
+    return path if (path / "adapter_config.json").is_file() else None
+
+
+def default_mode() -> str:
+    """The layout ``"default"`` uses: isolated when its adapter is packaged, else the paper's append."""
+    return "isolated" if _packaged(SHIPPED_ADAPTERS["isolated"]) else "append"
+
+
+def shipped_adapter(mode: str | None = None) -> Path | None:
+    """The adapter trained for the default model in ``mode`` (the default layout's for ``None`` and
+    ``"none"``, which an activated adapter serves as the plain base model), if packaged."""
+    mode = default_mode() if mode in (None, "none") else mode
+    return _packaged(SHIPPED_ADAPTERS.get(mode, SHIPPED_ADAPTERS["append"]))
+
+
+def default_mode_for(name: str, adapter: str | Path | bool | None = None) -> str:
+    """The mode a model loads with when none is given: its adapter's (manifest), else append."""
+    chosen = _choose_adapter(name, adapter, None)
+    if chosen is None:
+        return "append"
+    manifest = AdapterManifest.load(chosen) if Path(chosen).is_dir() else None
+    mode = manifest.flashback_config.get("mode") if manifest is not None else None
+    return mode if isinstance(mode, str) else "append"
 
 
 def _is_id(value: Any) -> bool:
@@ -43,7 +70,7 @@ def _choose_adapter(name: str, adapter: str | Path | bool | None, config: FlashB
     if adapter is True:
         adapter = None
     if adapter is None and name == "default" and (config is None or config.marks is not False):
-        return shipped_adapter()
+        return shipped_adapter(config.mode if config is not None else None)
     return adapter
 
 
@@ -128,11 +155,13 @@ class FlashBackModel:
         adapter: str | Path | bool | None = None,
         dtype: torch.dtype | str = torch.float32,
         device: str | torch.device | None = None,
+        mode: str | None = None,
     ) -> FlashBackModel:
         """One instance per (model, adapter, dtype, device) in this process: framework objects built
-        many times over the same model (LangChain, LlamaIndex) load the weights once."""
+        many times over the same model (LangChain, LlamaIndex) load the weights once. ``mode`` picks
+        the shipped adapter of ``"default"`` for that layout."""
         dtype = resolve_dtype(dtype)
-        chosen = _choose_adapter(name_or_path, adapter, None)
+        chosen = _choose_adapter(name_or_path, adapter, FlashBackConfig(mode=mode) if mode else None)
         key = (name_or_path, str(chosen) if chosen else None, str(dtype), str(device))
         with _SHARED_LOCK:
             if key not in _SHARED:
