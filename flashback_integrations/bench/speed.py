@@ -157,7 +157,7 @@ def load_model(name: str, dtype: str, device: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..devices import resolve_dtype
-    from ..model import FlashBackModel
+    from ..model import FlashBackModel, shipped_adapter
 
     check_options(name, dtype, device)
     if name.startswith("config:"):
@@ -169,7 +169,10 @@ def load_model(name: str, dtype: str, device: str):
             model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
         fill_random(model)
         return FlashBackModel(model.eval(), synthetic_tokenizer(config.vocab_size), name=name)
-    return FlashBackModel.from_pretrained(name, dtype=dtype, device=device)
+    # merged weights (the append adapter for "default", as before): every mode runs the same kernels and
+    # the block carries its marks; an activated adapter's unmerged LoRA is timed apart (bench_activation)
+    adapter = shipped_adapter("append") if name == "default" else None
+    return FlashBackModel.from_pretrained(name, adapter=adapter or "none", dtype=dtype, device=device)
 
 
 def random_id_source(fb: Any, seed: int) -> Callable[[int], list[int]]:
