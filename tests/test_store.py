@@ -232,3 +232,35 @@ def test_langchain_and_llamaindex_retrievers_feed_the_engine(tmp_path, llama_fb)
 def test_unreachable_server_is_a_clear_error() -> None:
     with pytest.raises(StoreError, match=r"Cannot reach a Chroma server at 127\.0\.0\.1:9\b"):
         connect(host="127.0.0.1", port=9)
+
+
+def test_two_concurrent_ingestions_of_one_collection_end_like_one_run(tmp_path, tokenizer, embedder) -> None:
+    """Two writers on one collection at once (as two `index add` runs would be): the same chunks as a
+    single run, none twice."""
+    import threading
+
+    corpus = tmp_path / "corpus"
+    for i in range(8):
+        (corpus / f"d{i:02}.txt").parent.mkdir(parents=True, exist_ok=True)
+        (corpus / f"d{i:02}.txt").write_text(" ".join(f"{TOPICS['json.md']} part {i} word{j}" for j in range(3)))
+    client = connect(tmp_path / "db")
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            do_ingest(client, "docs", [corpus], tokenizer, embedder, batch_size=3)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    reference = do_ingest(connect(tmp_path / "ref"), "docs", [corpus], tokenizer, embedder)
+    got = get_collection(client, "docs").get(include=["metadatas"])
+    spans = sorted((m["source"], m["start"], m["end"]) for m in got["metadatas"])
+    ref = get_collection(connect(tmp_path / "ref"), "docs").get(include=["metadatas"])
+    assert spans == sorted((m["source"], m["start"], m["end"]) for m in ref["metadatas"])
+    assert len(spans) == len(set(spans)) == reference.chunks_total
