@@ -218,3 +218,12 @@ def test_chat_model_in_the_isolated_layout_reports_what_each_retrieval_cost(tiny
     assert "".join(c.content for c in chat.stream([HumanMessage("The json module")])) == expected.text
     with pytest.raises(ValueError, match="tail_tokens"):
         ChatFlashBack(model=tiny_path, mode="isolated", tail_tokens=0)
+
+
+@pytest.mark.parametrize("messages", ([], [HumanMessage(content=[{"type": "image_url", "image_url": "x"}])]))
+def test_chat_without_text_is_a_clear_error(tiny_path, messages) -> None:
+    from flashback_integrations import ConfigError
+
+    chat = ChatFlashBack(model=tiny_path, retriever=HashRetriever(), **SETTINGS)
+    with pytest.raises(ConfigError):
+        chat.invoke(messages)
