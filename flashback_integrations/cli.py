@@ -98,12 +98,17 @@ def generate(
     block_offset: Annotated[int, typer.Option(help="append: place the block N tokens back (0 = paper).")] = 0,
     stride: Annotated[int, typer.Option(help="Retrieve every N generated tokens.")] = 16,
     query_tokens: Annotated[int, typer.Option(help="Query = text of the last N tokens.")] = 32,
-    top_k: Annotated[int, typer.Option(help="Passages per retrieval.")] = 1,
+    num_passages: Annotated[int, typer.Option(help="Passages per retrieval.")] = 1,
     max_doc_tokens: Annotated[int, typer.Option(help="Tokens kept of each passage.")] = 128,
     marks: Annotated[bool | None, typer.Option("--marks/--no-marks", help="Marking tokens (default: auto).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    top_k: Annotated[int | None, typer.Option(help="Sampling: keep the k most likely tokens (not passages).")] = None,
+    min_p: Annotated[
+        float | None, typer.Option(help="Sampling: drop tokens below min_p x the top probability.")
+    ] = None,
+    repetition_penalty: Annotated[float, typer.Option(help="Penalise tokens already in the text (1 = off).")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
     on_retrieval_error: Annotated[str, typer.Option(help="raise | skip")] = "raise",
@@ -123,7 +128,7 @@ def generate(
             mode=mode,
             stride=stride,
             query_tokens=query_tokens,
-            top_k=top_k,  # type: ignore[arg-type]
+            num_passages=num_passages,  # type: ignore[arg-type]
             max_doc_tokens=max_doc_tokens,
             marks=marks,
             on_retrieval_error=on_retrieval_error,
@@ -144,6 +149,9 @@ def generate(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
             seed=seed,
             stop=stop,
         )
@@ -221,7 +229,7 @@ def demo(
         f"[dim]Chroma collection {SAMPLE_COLLECTION!r} at {escape(str(persist_dir or default_dir()))}: "
         f"{report.chunks_total} chunks of {escape(str(corpus))} ({report.chunks_added} added now)[/]"
     )
-    base = FlashBackConfig(mode=first, stride=stride, query_tokens=32, top_k=1, max_doc_tokens=128)
+    base = FlashBackConfig(mode=first, stride=stride, query_tokens=32, num_passages=1, max_doc_tokens=128)
     console.print(
         f"[dim]mode {first}{' (activated adapter: the base model until the passage)' if _activated(fb) else ''}[/]"
     )
@@ -777,7 +785,7 @@ ContextBudget = Annotated[int, typer.Option(help="Positions an example may use (
 TargetTokens = Annotated[int, typer.Option(help="Target length s (= the retrieval stride).")]
 FirstTarget = Annotated[int, typer.Option(help="First target position in a document.")]
 QueryTokens = Annotated[int, typer.Option(help="Query = the l tokens before the target.")]
-TopK = Annotated[int, typer.Option(help="Passages per target.")]
+NumPassages = Annotated[int, typer.Option(help="Passages per target.")]
 MaxDocTokens = Annotated[int, typer.Option(help="Tokens kept of each passage.")]
 # Help texts are rich markup: a literal "[" must be escaped or the bracketed text vanishes.
 MinWindow = Annotated[int, typer.Option(help=r"|src| + |doc| is drawn from \[min-window, budget - s - 2].")]
@@ -789,7 +797,9 @@ MaxExamples = Annotated[
 Seed = Annotated[int, typer.Option(help="Seed for sampling targets and windows.")]
 
 
-def _example_settings(context_budget, target_tokens, first_target, query_tokens, top_k, max_doc_tokens, min_window):
+def _example_settings(
+    context_budget, target_tokens, first_target, query_tokens, num_passages, max_doc_tokens, min_window
+):
     from .data import ExampleSettings
 
     return ExampleSettings(
@@ -797,7 +807,7 @@ def _example_settings(context_budget, target_tokens, first_target, query_tokens,
         target_tokens=target_tokens,
         first_target=first_target,
         query_tokens=query_tokens,
-        top_k=top_k,
+        num_passages=num_passages,
         max_doc_tokens=max_doc_tokens,
         min_window=min_window,
     )
@@ -870,7 +880,7 @@ def data_build(
     target_tokens: TargetTokens = 16,
     first_target: FirstTarget = 512,
     query_tokens: QueryTokens = 32,
-    top_k: TopK = 1,
+    num_passages: NumPassages = 1,
     max_doc_tokens: MaxDocTokens = 128,
     min_window: MinWindow = 256,
     chunk_tokens: ChunkTokens = 128,
@@ -884,7 +894,7 @@ def data_build(
 
     try:
         settings = _example_settings(
-            context_budget, target_tokens, first_target, query_tokens, top_k, max_doc_tokens, min_window
+            context_budget, target_tokens, first_target, query_tokens, num_passages, max_doc_tokens, min_window
         )
         train, val, info = _prepare(
             model,
@@ -980,7 +990,7 @@ def train(
     target_tokens: TargetTokens = 16,
     first_target: FirstTarget = 512,
     query_tokens: QueryTokens = 32,
-    top_k: TopK = 1,
+    num_passages: NumPassages = 1,
     max_doc_tokens: MaxDocTokens = 128,
     min_window: MinWindow = 256,
     chunk_tokens: ChunkTokens = 128,
@@ -1025,14 +1035,14 @@ def train(
         data_info: dict = {}
         if examples is not None:
             train_ex, header = load_examples(examples, max_examples, seed)
-            settings = ExampleSettings(**header["info"]["settings"]) if "info" in header else ExampleSettings()
+            settings = ExampleSettings.from_dict(header["info"]["settings"]) if "info" in header else ExampleSettings()
             val_ex = load_examples(val_examples)[0] if val_examples else []
             data_info = {"examples_file": str(examples), **header.get("info", {})}
             if "subset" in header:
                 data_info["subset"] = header["subset"]
         else:
             settings = _example_settings(
-                context_budget, target_tokens, first_target, query_tokens, top_k, max_doc_tokens, min_window
+                context_budget, target_tokens, first_target, query_tokens, num_passages, max_doc_tokens, min_window
             )
             train_ex, val_ex, data_info = _prepare(
                 model,
@@ -1123,7 +1133,7 @@ def eval_ppl(
     target_tokens: TargetTokens = 16,
     first_target: FirstTarget = 512,
     query_tokens: QueryTokens = 32,
-    top_k: TopK = 1,
+    num_passages: NumPassages = 1,
     max_doc_tokens: MaxDocTokens = 128,
     min_window: MinWindow = 256,
     chunk_tokens: ChunkTokens = 128,
@@ -1145,7 +1155,7 @@ def eval_ppl(
                 info["subset"] = header["subset"]
         else:
             settings = _example_settings(
-                context_budget, target_tokens, first_target, query_tokens, top_k, max_doc_tokens, min_window
+                context_budget, target_tokens, first_target, query_tokens, num_passages, max_doc_tokens, min_window
             )
             ex, _, info = _prepare(
                 model,

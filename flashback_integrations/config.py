@@ -30,7 +30,8 @@ class FlashBackConfig:
     models only) or ``none``.
     stride: retrieve every ``stride`` generated tokens (``s``).
     query_tokens: the query is the text of the last ``query_tokens`` tokens (``l``).
-    top_k: passages per retrieval; each is cut to ``max_doc_tokens`` tokens and they are concatenated.
+    num_passages: passages per retrieval (the ``k`` passed to the retriever); each is cut to
+    ``max_doc_tokens`` tokens. Named apart from sampling's ``top_k`` on purpose.
     marks: bound the block with ``<MARK_L>``/``<MARK_R>``; ``None`` uses them when the model has them.
     on_retrieval_error: ``raise`` stops generation; ``skip`` generates that stride without a block.
     retrieval_timeout: seconds a retrieval may take before it counts as failed (``None``: no limit).
@@ -45,7 +46,7 @@ class FlashBackConfig:
     mode: Mode = "append"
     stride: int = 16
     query_tokens: int = 32
-    top_k: int = 1
+    num_passages: int = 1
     max_doc_tokens: int = 128
     marks: bool | None = None
     on_retrieval_error: Literal["raise", "skip"] = "raise"
@@ -57,7 +58,7 @@ class FlashBackConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r} is not one of {MODES}.")
-        require_positive_ints(self, ("stride", "query_tokens", "top_k", "max_doc_tokens"))
+        require_positive_ints(self, ("stride", "query_tokens", "num_passages", "max_doc_tokens"))
         if self.marks not in (None, True, False):
             raise ConfigError(f"marks must be True, False or None (auto), got {self.marks!r}.")
         if self.on_retrieval_error not in ON_ERROR:
@@ -83,7 +84,10 @@ class FlashBackConfig:
         """A validated copy with some fields changed."""
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
-            raise ConfigError(f"Unknown FlashBackConfig field(s): {sorted(unknown)}.")
+            hint = (
+                " (passages per retrieval are num_passages; top_k is a sampling setting)" if "top_k" in unknown else ""
+            )
+            raise ConfigError(f"Unknown FlashBackConfig field(s): {sorted(unknown)}{hint}.")
         return FlashBackConfig(**{**asdict(self), **changes})
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,5 +95,15 @@ class FlashBackConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FlashBackConfig:
+        """From a manifest; manifests written before the rename say ``top_k`` for ``num_passages``."""
+        data = rename_legacy(data)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def rename_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """Settings saved by earlier versions (adapter manifests, example files) named the passages per
+    retrieval ``top_k``."""
+    if "top_k" in data and "num_passages" not in data:
+        data = {("num_passages" if k == "top_k" else k): v for k, v in data.items()}
+    return data

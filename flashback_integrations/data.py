@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import require_positive_ints
+from .config import rename_legacy, require_positive_ints
 from .errors import ConfigError, RetrievalError
 from .layout import MarkIds, Span, build_context, build_spans, wrap_block
 from .retrieval import Passage
@@ -50,7 +50,7 @@ class Example:
 @dataclass(frozen=True)
 class ExampleSettings:
     """METHOD.md's windows: targets of ``target_tokens`` every ``target_every`` tokens from
-    ``first_target``, the query from the ``query_tokens`` before, ``top_k`` passages cut to
+    ``first_target``, the query from the ``query_tokens`` before, ``num_passages`` passages cut to
     ``max_doc_tokens``, and ``|src| + |doc|`` drawn uniformly in ``[min_window, context_budget -
     target_tokens - 2]`` so the example fits ``context_budget`` positions with both marks."""
 
@@ -59,7 +59,7 @@ class ExampleSettings:
     target_every: int = 16
     first_target: int = 512
     query_tokens: int = 32
-    top_k: int = 1
+    num_passages: int = 1
     max_doc_tokens: int = 128
     min_window: int = 256
 
@@ -70,11 +70,17 @@ class ExampleSettings:
                 f"context_budget={self.context_budget} leaves a window of {self.max_window} tokens, below "
                 f"min_window={self.min_window}; raise the budget or lower min_window."
             )
-        if self.top_k * self.max_doc_tokens >= self.max_window:
+        if self.num_passages * self.max_doc_tokens >= self.max_window:
             raise ConfigError(
-                f"top_k * max_doc_tokens = {self.top_k * self.max_doc_tokens} leaves no room for source tokens "
-                f"in a window of {self.max_window}; lower max_doc_tokens or top_k."
+                f"num_passages * max_doc_tokens = {self.num_passages * self.max_doc_tokens} leaves no room for "
+                "source tokens "
+                f"in a window of {self.max_window}; lower max_doc_tokens or num_passages."
             )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExampleSettings:
+        """From an example file's header (older files say ``top_k`` for ``num_passages``)."""
+        return cls(**rename_legacy(dict(data)))
 
     @property
     def max_window(self) -> int:
@@ -237,7 +243,7 @@ def build_examples(
     for i, t in iterator:
         doc = docs[i]
         query = tokenizer.decode(doc.ids[max(0, t - settings.query_tokens) : t], skip_special_tokens=True)
-        passages = excluding(query, settings.top_k, doc.source)
+        passages = excluding(query, settings.num_passages, doc.source)
         block: list[int] = []
         for p in passages:
             tokens = (

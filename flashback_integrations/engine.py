@@ -29,7 +29,7 @@ from .events import (
 from .kvcache import KVContext, PassageKVCache
 from .layout import MarkIds, Span, build_spans, find_mark_ids, passage_ids, passage_segments, query_ids, wrap_block
 from .retrieval import Passage
-from .sampling import choose_token
+from .sampling import Sampling, choose_token
 from .text import StreamingText
 
 
@@ -42,9 +42,7 @@ class GenerationSpec:
     marks: MarkIds | None
     max_new_tokens: int
     retrieve: Callable[[str, int], list[Passage]] | None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
+    sampling: Sampling = field(default_factory=Sampling)
     stop: list[str] = field(default_factory=list)
     eos_ids: set[int] = field(default_factory=set)
     callbacks: list[FlashBackCallback] = field(default_factory=list)
@@ -98,9 +96,9 @@ class _Retriever:
         started = time.perf_counter()
         try:
             if cfg.retrieval_timeout is None:
-                passages = self.spec.retrieve(query, cfg.top_k)  # type: ignore[misc]
+                passages = self.spec.retrieve(query, cfg.num_passages)  # type: ignore[misc]
             else:
-                passages = _call_with_timeout(self.spec.retrieve, query, cfg.top_k, cfg.retrieval_timeout)  # type: ignore[arg-type]
+                passages = _call_with_timeout(self.spec.retrieve, query, cfg.num_passages, cfg.retrieval_timeout)  # type: ignore[arg-type]
         except RetrievalError:
             raise  # wrong return type: a bug in the retriever, never skipped
         except Exception as exc:  # noqa: BLE001 - the policy decides
@@ -130,10 +128,12 @@ def run(model: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:
     text = StreamingText(tokenizer, spec.stop)
     retriever = _Retriever(spec) if cfg.retrieves else None
     generator = None
-    if spec.temperature > 0:
+    sampling = spec.sampling
+    processors = sampling.processors()
+    if sampling.temperature > 0:
         device = kv.device if kv.device.type != "mps" else torch.device("cpu")
         generator = torch.Generator(device=device)
-        generator.manual_seed(spec.seed if spec.seed is not None else int(torch.seed() % (2**63)))
+        generator.manual_seed(sampling.seed if sampling.seed is not None else int(torch.seed() % (2**63)))
     known = spec.marks or find_mark_ids(tokenizer)  # never sampled, even when marks are off
     banned = [known.left, known.right] if known else []
     finish = "length"
@@ -157,7 +157,8 @@ def run(model: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:
             if banned:
                 logits = logits.clone() if raw is not None else logits
                 logits[banned] = float("-inf")
-            token = choose_token(logits, spec.temperature, spec.top_p, generator)
+            history = (*prompt, *generated) if sampling.repetition_penalty != 1.0 else ()
+            token = choose_token(logits, sampling, generator, history, processors)
             generated.append(token)
             is_eos = token in spec.eos_ids
             delta = "" if is_eos else text.add(token)

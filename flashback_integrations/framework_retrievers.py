@@ -16,7 +16,7 @@ class LangChainRetrieverAdapter:
     """``BaseRetriever.invoke(query)`` -> ``Passage`` list (cut to ``k``).
 
     LangChain retrievers choose their own result count (e.g. ``search_kwargs={"k": 4}``); set it to
-    at least ``top_k``. ``config`` is passed to ``invoke`` so callers can attach callbacks.
+    at least ``num_passages``. ``config`` is passed to ``invoke`` so callers can attach callbacks.
     """
 
     def __init__(self, retriever: Any, config: dict[str, Any] | None = None) -> None:

@@ -30,7 +30,8 @@ class FlashBackSettings(BaseModel):
     """None: the layout the model's adapter was trained for (``"default"``: isolated), else append."""
     stride: int = 16
     query_tokens: int = 32
-    top_k: int = 1
+    num_passages: int = 1
+    """Passages per retrieval (the ``k`` given to the retriever)."""
     max_doc_tokens: int = 128
     marks: bool | None = None
     on_retrieval_error: str = "raise"
@@ -40,6 +41,10 @@ class FlashBackSettings(BaseModel):
     block_offset: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int | None = None
+    """Sampling's top-k (as in HuggingFacePipeline, ChatOllama, vLLM), never the number of passages."""
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
     seed: int | None = None
     max_new_tokens: int = Field(default=256, alias="max_tokens")
     stop: list[str] | None = None
@@ -57,18 +62,28 @@ class FlashBackSettings(BaseModel):
         """Validate the FlashBack settings at construction, not at the first call (a validator rather
         than ``model_post_init``, which the frameworks' base classes use themselves)."""
         config = self.flashback_config()
-        validate_sampling(self.temperature, self.top_p, self.max_new_tokens, self.seed, self.stop)
+        validate_sampling(
+            self.temperature,
+            self.top_p,
+            self.max_new_tokens,
+            self.seed,
+            self.stop,
+            self.top_k,
+            self.min_p,
+            self.repetition_penalty,
+        )
         resolve_dtype(self.dtype)
         if self.device is not None:
             resolve_device(self.device)
         window = self._window()
         if window is not None and config.retrieves:
-            block = block_budget(config.top_k, config.max_doc_tokens, config.marks is not False)
+            block = block_budget(config.num_passages, config.max_doc_tokens, config.marks is not False)
             if block + self.max_new_tokens >= window:
                 raise ConfigError(
-                    f"top_k={config.top_k} x max_doc_tokens={config.max_doc_tokens} (a block of up to {block} tokens) "
+                    f"num_passages={config.num_passages} x max_doc_tokens={config.max_doc_tokens} "
+                    f"(a block of up to {block} tokens) "
                     f"+ max_tokens={self.max_new_tokens} leave no room for a prompt in {self.model_label()!r}'s "
-                    f"{window}-token context; lower top_k, max_doc_tokens or max_tokens."
+                    f"{window}-token context; lower num_passages, max_doc_tokens or max_tokens."
                 )
         return self
 
@@ -103,7 +118,7 @@ class FlashBackSettings(BaseModel):
             mode=self.resolved_mode(),  # type: ignore[arg-type]
             stride=self.stride,
             query_tokens=self.query_tokens,
-            top_k=self.top_k,
+            num_passages=self.num_passages,
             max_doc_tokens=self.max_doc_tokens,
             marks=self.marks,
             on_retrieval_error=self.on_retrieval_error,  # type: ignore[arg-type]
@@ -155,6 +170,9 @@ class FlashBackSettings(BaseModel):
             "max_new_tokens": overrides.get("max_tokens", overrides.get("max_new_tokens", self.max_new_tokens)),
             "temperature": overrides.get("temperature", self.temperature),
             "top_p": overrides.get("top_p", self.top_p),
+            "top_k": overrides.get("top_k", self.top_k),
+            "min_p": overrides.get("min_p", self.min_p),
+            "repetition_penalty": overrides.get("repetition_penalty", self.repetition_penalty),
             "seed": overrides.get("seed", self.seed),
             "stop": stops or None,
         }
@@ -163,4 +181,14 @@ class FlashBackSettings(BaseModel):
         return kwargs
 
 
-_CALL_OPTIONS = {"max_tokens", "max_new_tokens", "temperature", "top_p", "seed", "first_query"}
+_CALL_OPTIONS = {
+    "max_tokens",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "seed",
+    "first_query",
+}

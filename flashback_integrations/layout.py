@@ -177,6 +177,6 @@ def query_ids(prompt_ids: Sequence[int], generated: Sequence[int], query_tokens:
     return history[-query_tokens:]
 
 
-def block_budget(top_k: int, max_doc_tokens: int, marks: bool) -> int:
+def block_budget(num_passages: int, max_doc_tokens: int, marks: bool) -> int:
     """The most tokens one retrieval block can add to the context."""
-    return top_k * max_doc_tokens + (2 if marks else 0)
+    return num_passages * max_doc_tokens + (2 if marks else 0)

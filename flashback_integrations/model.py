@@ -21,7 +21,7 @@ from .kvcache import DEFAULT_PASSAGE_CACHE_BYTES, PassageKVCache, uses_rotary_po
 from .layout import MARK_L, MARK_R, MarkIds, block_budget, encode_text, find_mark_ids
 from .resolve import load_pretrained, resolve_model
 from .retrieval import RetrieverLike, as_retrieve_fn
-from .sampling import validate_sampling
+from .sampling import Sampling, validate_sampling
 
 ADAPTERS = Path(__file__).parent / "adapters"
 SHIPPED_ADAPTERS = {
@@ -274,10 +274,13 @@ class FlashBackModel:
         callbacks: Sequence[FlashBackCallback] | None = None,
         output_logits: bool = False,
         first_query: str | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float = 1.0,
     ) -> engine.GenerationSpec:
         """Validate everything and fail before any model work."""
         config = self.resolve_config(config)
-        stop = validate_sampling(temperature, top_p, max_new_tokens, seed, stop)
+        stop = validate_sampling(temperature, top_p, max_new_tokens, seed, stop, top_k, min_p, repetition_penalty)
         if config.retrieves and retriever is None:
             raise ConfigError(
                 f"mode={config.mode!r} needs a retriever (an object with retrieve(query, k) or a "
@@ -298,14 +301,14 @@ class FlashBackModel:
         marks = self._marks_for(config)
         prompt_ids = self.encode(prompt)
         window = self.context_window
-        block = block_budget(config.top_k, config.max_doc_tokens, marks is not None) if config.retrieves else 0
+        block = block_budget(config.num_passages, config.max_doc_tokens, marks is not None) if config.retrieves else 0
         needed = len(prompt_ids) + max_new_tokens - 1 + block
         if window is not None and needed > window:
             raise ContextWindowError(
                 f"Prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) + retrieval block "
-                f"(up to {block} tokens: top_k={config.top_k} x max_doc_tokens={config.max_doc_tokens}"
+                f"(up to {block} tokens: num_passages={config.num_passages} x max_doc_tokens={config.max_doc_tokens}"
                 f"{' + 2 marks' if marks else ''}) needs a context of {needed} tokens, but {self.name!r} "
-                f"has {window}. Shorten the prompt, lower max_new_tokens, top_k or max_doc_tokens."
+                f"has {window}. Shorten the prompt, lower max_new_tokens, num_passages or max_doc_tokens."
             )
         return engine.GenerationSpec(
             prompt_ids=prompt_ids,
@@ -313,9 +316,7 @@ class FlashBackModel:
             marks=marks,
             max_new_tokens=max_new_tokens,
             retrieve=as_retrieve_fn(retriever) if (config.retrieves and retriever is not None) else None,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
+            sampling=Sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed),
             stop=list(stop or []),
             eos_ids=set() if ignore_eos else self.eos_ids,
             callbacks=list(callbacks or []),
@@ -357,8 +358,15 @@ class FlashBackModel:
         callbacks: Sequence[FlashBackCallback] | None = None,
         output_logits: bool = False,
         first_query: str | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float = 1.0,
     ) -> GenerationResult:
-        """Generate up to ``max_new_tokens`` with a retrieval every ``config.stride`` tokens."""
+        """Generate up to ``max_new_tokens`` with a retrieval every ``config.stride`` tokens.
+
+        Sampling (``temperature > 0``) takes ``top_k``, ``top_p``, ``min_p`` and ``seed``;
+        ``repetition_penalty`` applies to greedy decoding too. Passages per retrieval are
+        ``config.num_passages``."""
         events = self.stream(
             prompt,
             retriever,
@@ -372,6 +380,9 @@ class FlashBackModel:
             callbacks=callbacks,
             output_logits=output_logits,
             first_query=first_query,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
         )
         return final_result(events)
 

@@ -1,9 +1,12 @@
-"""Next-token choice: greedy by default, temperature + nucleus sampling with a seeded generator."""
+"""Next-token choice: greedy by default; temperature, top-k, top-p, min-p and a repetition penalty
+through transformers' own logits processors, with a seeded generator."""
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,18 +20,74 @@ def _real(name: str, value: Any) -> float:
     return float(value)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. ``temperature=0`` is greedy (the other warpers then do nothing;
+    the repetition penalty still applies). ``top_k`` here is sampling's top-k, never passages."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if _real("temperature", self.temperature) < 0:
+            raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}.")
+        if not 0 < _real("top_p", self.top_p) <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}.")
+        k = self.top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ConfigError(f"top_k (sampling) must be a positive integer or None, got {k!r}.")
+        if self.min_p is not None and not 0 <= _real("min_p", self.min_p) <= 1:
+            raise ConfigError(f"min_p must be in [0, 1] or None, got {self.min_p}.")
+        if not _real("repetition_penalty", self.repetition_penalty) > 0:
+            raise ConfigError(f"repetition_penalty must be > 0 (1 = none), got {self.repetition_penalty}.")
+        seed = self.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ConfigError(f"seed must be a non-negative integer or None, got {seed!r}.")
+
+    def processors(self) -> Any:
+        """transformers' ``LogitsProcessorList`` in generate()'s order: penalties, then warpers."""
+        from transformers import (
+            LogitsProcessorList,
+            MinPLogitsWarper,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        out = LogitsProcessorList()
+        if self.repetition_penalty != 1.0:
+            out.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.temperature > 0:
+            if self.temperature != 1.0:
+                out.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k is not None:
+                out.append(TopKLogitsWarper(self.top_k))
+            if self.top_p < 1.0:
+                out.append(TopPLogitsWarper(self.top_p))
+            if self.min_p:
+                out.append(MinPLogitsWarper(self.min_p))
+        return out
+
+
 def validate_sampling(
-    temperature: Any, top_p: Any, max_new_tokens: Any, seed: Any = None, stop: Any = None
+    temperature: Any,
+    top_p: Any,
+    max_new_tokens: Any,
+    seed: Any = None,
+    stop: Any = None,
+    top_k: Any = None,
+    min_p: Any = None,
+    repetition_penalty: Any = 1.0,
 ) -> list[str]:
     """Check every sampling setting the API, the CLI and both frameworks pass; returns the stop list."""
-    if _real("temperature", temperature) < 0:
-        raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {temperature}.")
-    if not 0 < _real("top_p", top_p) <= 1:
-        raise ConfigError(f"top_p must be in (0, 1], got {top_p}.")
+    Sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ConfigError(f"seed must be a non-negative integer or None, got {seed!r}.")
     if stop is None:
         return []
     stops = [stop] if isinstance(stop, str) else stop
@@ -39,16 +98,21 @@ def validate_sampling(
     return list(stops)
 
 
-def choose_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """Pick the next id from masked logits of shape ``[vocab]``."""
-    if temperature == 0:
+def choose_token(
+    logits: torch.Tensor,
+    sampling: Sampling,
+    generator: torch.Generator | None,
+    history: Sequence[int] = (),
+    processors: Any = None,
+) -> int:
+    """Pick the next id from masked logits of shape ``[vocab]``; ``history`` (prompt + generated ids)
+    is what the repetition penalty looks at."""
+    if processors is None:
+        processors = sampling.processors()
+    if len(processors):
+        ids = torch.tensor([list(history) or [0]], dtype=torch.long, device=logits.device)
+        logits = processors(ids, logits.float()[None])[0]
+    if sampling.temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # keep the smallest prefix whose mass reaches top_p (always at least the best token)
-        drop = cumulative - sorted_probs >= top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    probs = torch.softmax(logits.float(), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -680,7 +680,7 @@ def train(
         mode=cfg.layout,
         stride=example_settings.target_tokens,
         query_tokens=example_settings.query_tokens,
-        top_k=example_settings.top_k,
+        num_passages=example_settings.num_passages,
         max_doc_tokens=example_settings.max_doc_tokens,
         marks=bool(marks),
         **({"tail_tokens": cfg.tail_tokens} if cfg.layout == "isolated" else {}),

@@ -93,7 +93,13 @@ def test_activated_isolated_logits_equal_gated_forward(fb, t, s, k, one_forward,
     if not one_forward:  # kernels without custom masks: segments and head fed on their own
         monkeypatch.setattr(kvcache, "takes_custom_masks", lambda model: False)
     config = FlashBackConfig(
-        mode="isolated", tail_tokens=t, stride=s, top_k=k, marks=True, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC
+        mode="isolated",
+        tail_tokens=t,
+        stride=s,
+        num_passages=k,
+        marks=True,
+        query_tokens=QUERY_TOKENS,
+        max_doc_tokens=MAX_DOC,
     )
     fb.passage_cache.clear()
     n = max(8, 2 * s + 3)

@@ -20,7 +20,7 @@ from flashback_integrations import (
     save_adapter,
 )
 
-TRAINED = FlashBackConfig(mode="append", stride=4, query_tokens=8, top_k=1, max_doc_tokens=12, marks=True)
+TRAINED = FlashBackConfig(mode="append", stride=4, query_tokens=8, num_passages=1, max_doc_tokens=12, marks=True)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from flashback_integrations import (
 )
 from flashback_integrations.text import StreamingText
 
-CFG = FlashBackConfig(mode="append", stride=4, query_tokens=8, top_k=1, max_doc_tokens=12, marks=True)
+CFG = FlashBackConfig(mode="append", stride=4, query_tokens=8, num_passages=1, max_doc_tokens=12, marks=True)
 
 
 def run(fb: FlashBackModel, **kwargs):
@@ -177,7 +177,7 @@ def test_plain_callable_retriever_returning_strings(llama_fb: FlashBackModel) ->
         seen.append((query, k))
         return ["The json module encodes Python objects as JSON text.", "extra", "more"]
 
-    out = llama_fb.generate("The json module", fn, config=CFG.replace(top_k=2), max_new_tokens=5)
+    out = llama_fb.generate("The json module", fn, config=CFG.replace(num_passages=2), max_new_tokens=5)
     assert seen and all(k == 2 for _, k in seen)
     assert [p.text for p in out.retrievals[0].passages] == [
         "The json module encodes Python objects as JSON text.",

@@ -16,7 +16,7 @@ from flashback_integrations import (
     RetrievalError,
 )
 
-CFG = FlashBackConfig(mode="append", stride=4, query_tokens=8, top_k=1, max_doc_tokens=12, marks=True)
+CFG = FlashBackConfig(mode="append", stride=4, query_tokens=8, num_passages=1, max_doc_tokens=12, marks=True)
 
 
 def reference(fb: FlashBackModel) -> list[int]:
@@ -104,16 +104,18 @@ def test_context_window_checked_before_any_work(fb_and_ref) -> None:
     fb, _ = fb_and_ref
     retriever = HashRetriever()
     with pytest.raises(ContextWindowError) as info:
-        fb.generate("The json module", retriever, config=CFG.replace(max_doc_tokens=300, top_k=2), max_new_tokens=20)
+        fb.generate(
+            "The json module", retriever, config=CFG.replace(max_doc_tokens=300, num_passages=2), max_new_tokens=20
+        )
     message = str(info.value)
-    for number in ("20", "602", "512", "top_k=2", "max_doc_tokens=300"):
+    for number in ("20", "602", "512", "num_passages=2", "max_doc_tokens=300"):
         assert number in message
     assert retriever.calls == []
     with pytest.raises(ContextWindowError):
         fb.generate("word " * 600, config=CFG.replace(mode="none"), max_new_tokens=1)
 
 
-@pytest.mark.parametrize("field", ["stride", "query_tokens", "top_k", "max_doc_tokens"])
+@pytest.mark.parametrize("field", ["stride", "query_tokens", "num_passages", "max_doc_tokens"])
 @pytest.mark.parametrize("value", [0, -1, 1.5, True])
 def test_config_rejects_non_positive_sizes(field, value) -> None:
     with pytest.raises(ConfigError, match=field):

@@ -80,7 +80,7 @@ def naive_greedy(fb, prompt: str, mode: str, marks: bool, k: int, s: int, n: int
 def test_logits_equal_full_forward(arch_model: FlashBackModel, mode, marks, k, s) -> None:
     fb = arch_model
     config = FlashBackConfig(
-        mode=mode, marks=marks, top_k=k, stride=s, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC
+        mode=mode, marks=marks, num_passages=k, stride=s, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC
     )
     n = max(8, 2 * s + 3)
     prompt = "The json module encodes"
@@ -105,7 +105,7 @@ def test_logits_equal_full_forward(arch_model: FlashBackModel, mode, marks, k, s
 @pytest.mark.parametrize("mode", ("append", "prepend", "none"))
 def test_greedy_matches_naive_reference(arch_model: FlashBackModel, mode: str) -> None:
     config = FlashBackConfig(
-        mode=mode, marks=True, top_k=2, stride=4, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC
+        mode=mode, marks=True, num_passages=2, stride=4, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC
     )
     n = 20
     out = arch_model.generate("Regular expressions", HashRetriever(), config=config, max_new_tokens=n, ignore_eos=True)
@@ -121,7 +121,7 @@ def test_append_cache_arithmetic(arch_model: FlashBackModel, marks: bool) -> Non
     """METHOD.md step 3: keep P + G[:j-s], feed G[j-s:j] + block (s + |B| tokens) in one forward."""
     s = 4
     config = FlashBackConfig(
-        mode="append", marks=marks, stride=s, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC, top_k=1
+        mode="append", marks=marks, stride=s, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC, num_passages=1
     )
     P = arch_model.tokenizer("The json module").input_ids
     out = arch_model.generate("The json module", HashRetriever(), config=config, max_new_tokens=17, ignore_eos=True)

@@ -32,7 +32,7 @@ from flashback_integrations import (
 from flashback_integrations.cli import app
 
 PACKAGE = Path(__file__).parent.parent / "flashback_integrations"
-CFG = FlashBackConfig(mode="append", stride=4, query_tokens=8, top_k=1, max_doc_tokens=12, marks=True)
+CFG = FlashBackConfig(mode="append", stride=4, query_tokens=8, num_passages=1, max_doc_tokens=12, marks=True)
 runner = CliRunner()
 
 
@@ -436,8 +436,10 @@ def test_llamaindex_llm_refuses_a_block_larger_than_the_context() -> None:
     model, tok = make_model("llama", marks=True)
     fb = FlashBackModel(model, tok)
     with pytest.raises(ValueError, match="no room"):
-        FlashBackLLM(flashback_model=fb, top_k=100, max_doc_tokens=128)
-    assert FlashBackLLM(flashback_model=fb, top_k=2, max_doc_tokens=32, max_tokens=16).metadata.context_window > 0
+        FlashBackLLM(flashback_model=fb, num_passages=100, max_doc_tokens=128)
+    assert (
+        FlashBackLLM(flashback_model=fb, num_passages=2, max_doc_tokens=32, max_tokens=16).metadata.context_window > 0
+    )
 
 
 def test_a_retriever_returning_a_dict_is_refused(fb_same) -> None:
@@ -485,7 +487,7 @@ def test_random_settings_give_a_result_or_a_flashback_error(llama_fb) -> None:
         st.text(max_size=12), st.lists(st.integers(-3, 400), max_size=6), st.lists(st.text(max_size=4), max_size=3),
         st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
     )  # fmt: skip
-    config_fields = ("mode", "stride", "query_tokens", "top_k", "max_doc_tokens", "marks", "tail_tokens",
+    config_fields = ("mode", "stride", "query_tokens", "num_passages", "max_doc_tokens", "marks", "tail_tokens",
                      "passage_sink", "block_offset", "retrieval_timeout", "on_retrieval_error")  # fmt: skip
     call_fields = ("prompt", "max_new_tokens", "temperature", "top_p", "seed", "stop", "retriever_returns")
     good = {"mode": st.sampled_from(["none", "append", "prepend", "isolated"]), "stride": st.integers(1, 5)}

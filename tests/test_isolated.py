@@ -119,7 +119,7 @@ def test_isolated_logits_equal_masked_forward_cold_and_warm(fb: FlashBackModel, 
         mode="isolated",
         tail_tokens=t,
         stride=s,
-        top_k=k,
+        num_passages=k,
         marks=marks,
         query_tokens=QUERY_TOKENS,
         max_doc_tokens=MAX_DOC,
@@ -136,7 +136,7 @@ def test_isolated_logits_equal_masked_forward_cold_and_warm(fb: FlashBackModel, 
 @pytest.mark.parametrize("t", (1, 4))
 def test_isolated_with_passage_sink(fb: FlashBackModel, t: int) -> None:
     config = FlashBackConfig(
-        mode="isolated", tail_tokens=t, stride=4, top_k=2, marks=True, passage_sink=True,
+        mode="isolated", tail_tokens=t, stride=4, num_passages=2, marks=True, passage_sink=True,
         query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC,
     )  # fmt: skip
     run_and_check(fb, config, 11)
@@ -231,7 +231,13 @@ def naive_isolated_greedy(fb, prompt: str, t: int, s: int, k: int, n: int) -> li
 
 def test_isolated_greedy_equals_naive_loop(fb: FlashBackModel) -> None:
     config = FlashBackConfig(
-        mode="isolated", tail_tokens=2, stride=4, top_k=2, marks=True, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC
+        mode="isolated",
+        tail_tokens=2,
+        stride=4,
+        num_passages=2,
+        marks=True,
+        query_tokens=QUERY_TOKENS,
+        max_doc_tokens=MAX_DOC,
     )
     out = fb.generate("Regular expressions", HashRetriever(), config=config, max_new_tokens=18, ignore_eos=True)
     assert out.token_ids == naive_isolated_greedy(fb, "Regular expressions", 2, 4, 2, 18)
@@ -240,7 +246,13 @@ def test_isolated_greedy_equals_naive_loop(fb: FlashBackModel) -> None:
 @pytest.mark.parametrize(("k", "s", "marks"), list(itertools.product((1, 5, 40), (1, 4), (True, False))))
 def test_append_with_block_offset_equals_full_forward(fb: FlashBackModel, k, s, marks) -> None:
     config = FlashBackConfig(
-        mode="append", block_offset=k, stride=s, top_k=2, marks=marks, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC
+        mode="append",
+        block_offset=k,
+        stride=s,
+        num_passages=2,
+        marks=marks,
+        query_tokens=QUERY_TOKENS,
+        max_doc_tokens=MAX_DOC,
     )
     tok = fb.tokenizer
     ml, mr = tok.convert_tokens_to_ids(["<MARK_L>", "<MARK_R>"])
@@ -273,7 +285,13 @@ class FixedRetriever:
 
 def test_generate_batch_rows_equal_single_rows(fb: FlashBackModel) -> None:
     config = FlashBackConfig(
-        mode="isolated", tail_tokens=2, stride=4, top_k=2, marks=True, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC
+        mode="isolated",
+        tail_tokens=2,
+        stride=4,
+        num_passages=2,
+        marks=True,
+        query_tokens=QUERY_TOKENS,
+        max_doc_tokens=MAX_DOC,
     )
     tok = fb.tokenizer
     prompts = [tok(p).input_ids for p in ("The json module encodes", "The http server serves")]
@@ -287,7 +305,9 @@ def test_generate_batch_rows_equal_single_rows(fb: FlashBackModel) -> None:
 
 
 def test_threads_share_the_passage_cache_and_equal_sequential(fb: FlashBackModel) -> None:
-    config = FlashBackConfig(mode="isolated", stride=3, top_k=2, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC)
+    config = FlashBackConfig(
+        mode="isolated", stride=3, num_passages=2, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC
+    )
     prompts = ["The json module", "Regular expressions", "HTTP servers answer", "A retrieval model"] * 2
     fb.passage_cache.clear()
     expected = [
@@ -313,7 +333,9 @@ def test_passage_cache_is_bounded_in_bytes_and_evicts() -> None:
     per_token = 2 * 2 * 2 * 8 * 4  # layers x (k, v) x kv heads x head dim x fp32
     limit = 30 * per_token  # about two segments of up to 14 tokens
     fb = FlashBackModel(model, tok, passage_cache_bytes=limit)
-    config = FlashBackConfig(mode="isolated", stride=2, top_k=3, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC)
+    config = FlashBackConfig(
+        mode="isolated", stride=2, num_passages=3, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC
+    )
     first = fb.generate(PROMPT, HashRetriever(), config=config, max_new_tokens=30, ignore_eos=True)
     computed = sum(r.segment_tokens_computed for r in first.retrievals)
     cache = fb.passage_cache
@@ -324,7 +346,9 @@ def test_passage_cache_is_bounded_in_bytes_and_evicts() -> None:
 
 
 def test_changed_weights_never_hit_the_passage_cache(fb: FlashBackModel) -> None:
-    config = FlashBackConfig(mode="isolated", stride=4, top_k=2, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC)
+    config = FlashBackConfig(
+        mode="isolated", stride=4, num_passages=2, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC
+    )
     fb.passage_cache.clear()
     before = fb.generate(PROMPT, HashRetriever(), config=config, max_new_tokens=12, ignore_eos=True)
     layer = fb.model.model.layers[0].self_attn.k_proj.weight

@@ -24,7 +24,7 @@ from flashback_integrations.store import (
 )
 from flashback_integrations.store.chroma import collection_stats
 
-CFG = FlashBackConfig(mode="append", stride=4, query_tokens=8, top_k=2, max_doc_tokens=12, marks=True)
+CFG = FlashBackConfig(mode="append", stride=4, query_tokens=8, num_passages=2, max_doc_tokens=12, marks=True)
 TOPICS = {
     "json.md": "The json module encodes Python objects as JSON text. json.dumps returns a string and "
     "json.loads parses JSON text back into dictionaries and lists. Pass indent=2 to pretty-print.",
@@ -214,7 +214,7 @@ def test_langchain_and_llamaindex_retrievers_feed_the_engine(tmp_path, llama_fb)
     out = llama_fb.generate(
         "The json module", lc_store.as_retriever(search_kwargs={"k": 3}), config=CFG, max_new_tokens=6, ignore_eos=True
     )
-    assert [len(r.passages) for r in out.retrievals] == [2, 2]  # cut to top_k
+    assert [len(r.passages) for r in out.retrievals] == [2, 2]  # cut to num_passages
     assert all(p.text in texts and "name" in p.metadata for r in out.retrievals for p in r.passages)
 
     store = ChromaVectorStore(chroma_collection=client.get_or_create_collection("li-docs"))

@@ -214,7 +214,7 @@ def run_case(case: SpeedCase, fb: Any = None) -> dict[str, Any]:
     config = FlashBackConfig(
         mode="isolated" if case.mode == "isolated-warm" else case.mode,
         stride=case.stride,
-        top_k=1,
+        num_passages=1,
         max_doc_tokens=case.doc_tokens,  # type: ignore[arg-type]
         query_tokens=32,
         marks=False,

@@ -58,7 +58,7 @@ class FlashBackLLM(FlashBackSettings, CustomLLM):
         window = fb.context_window or 2048
         if self.retriever is not None and config.retrieves:
             marks = config.marks is not False and fb.mark_ids is not None
-            window -= block_budget(config.top_k, config.max_doc_tokens, marks)
+            window -= block_budget(config.num_passages, config.max_doc_tokens, marks)
         return LLMMetadata(
             context_window=window, num_output=self.max_new_tokens, is_chat_model=True, model_name=self.model_label()
         )

@@ -91,7 +91,7 @@ def test_complete_chat_stream_and_async_agree_with_the_engine(tiny_path, fb) -> 
 
 
 def test_metadata_leaves_room_for_the_retrieval_block(tiny_path, fb) -> None:
-    with_retrieval = FlashBackLLM(model=tiny_path, retriever=HashRetriever(), top_k=2, **SETTINGS).metadata
+    with_retrieval = FlashBackLLM(model=tiny_path, retriever=HashRetriever(), num_passages=2, **SETTINGS).metadata
     plain = FlashBackLLM(model=tiny_path, **SETTINGS).metadata
     assert plain.context_window == fb.context_window
     assert with_retrieval.context_window == fb.context_window - (2 * 12 + 2)
@@ -115,14 +115,18 @@ def test_stock_query_engine_with_and_without_periodic_retrieval(tiny_path, index
 
 def test_flashback_query_engine_reports_every_retrieved_node(tiny_path, index, fb, capture) -> None:
     retriever = index.as_retriever(similarity_top_k=2)
-    llm = FlashBackLLM(model=tiny_path, top_k=2, **SETTINGS)
+    llm = FlashBackLLM(model=tiny_path, num_passages=2, **SETTINGS)
     engine = FlashBackQueryEngine(retriever=retriever, llm=llm)
     response = engine.query("How do I pretty-print JSON?")
     ids = fb.chat_ids([{"role": "user", "content": "How do I pretty-print JSON?"}])
     assert (
         response.response
         == fb.generate(
-            ids, retriever, config=CONFIG.replace(top_k=2), max_new_tokens=10, first_query="How do I pretty-print JSON?"
+            ids,
+            retriever,
+            config=CONFIG.replace(num_passages=2),
+            max_new_tokens=10,
+            first_query="How do I pretty-print JSON?",
         ).text
     )
     steps = [n.node.metadata["flashback_step"] for n in response.source_nodes]
@@ -171,10 +175,10 @@ def test_query_engine_refuses_mode_none(tiny_path, index) -> None:
 
 def test_query_engine_in_the_isolated_layout(tiny_path, index, fb, capture) -> None:
     retriever = index.as_retriever(similarity_top_k=2)
-    llm = FlashBackLLM(model=tiny_path, top_k=2, mode="isolated", **SETTINGS)
+    llm = FlashBackLLM(model=tiny_path, num_passages=2, mode="isolated", **SETTINGS)
     response = FlashBackQueryEngine(retriever=retriever, llm=llm).query("How do I pretty-print JSON?")
     ids = fb.chat_ids([{"role": "user", "content": "How do I pretty-print JSON?"}])
-    config = CONFIG.replace(top_k=2, mode="isolated")
+    config = CONFIG.replace(num_passages=2, mode="isolated")
     expected = fb.generate(ids, retriever, config=config, max_new_tokens=10, first_query="How do I pretty-print JSON?")
     assert response.response == expected.text
     events = [e for e in capture.events if isinstance(e, FlashBackRetrievalEvent)]
