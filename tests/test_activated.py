@@ -1,7 +1,7 @@
 """Activated adapters (LoRA on from the passage on): exact against one masked, gated forward.
 
-The reference is METHOD.md's isolated table as one forward, with LoRA switched on for exactly the
-passage segments and the tail (built here, independently of the package's layout and cache code).
+The reference is METHOD.md's isolated table as one forward (test_isolated's, written from the table
+alone), with LoRA switched on for exactly the passage segments and the tail.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import threading
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from test_isolated import MAX_DOC, PROMPT, QUERY_TOKENS, query, segments_of
+from test_isolated import MAX_DOC, PROMPT, QUERY_TOKENS, isolated_forward, query, segments_of
 from tiny import HashRetriever, make_model
 
 from flashback_integrations import ConfigError, FlashBackConfig, FlashBackModel
-from flashback_integrations.activation import activate, is_activated, lora_gate
+from flashback_integrations.activation import activate, is_activated
 
 
 def activated_model(arch: str, seed: int = 3):
@@ -36,38 +36,6 @@ def fb(request) -> FlashBackModel:
     return FlashBackModel(model, tok, name=f"tiny-activated-{request.param}")
 
 
-def gated_isolated_forward(fb, P, G, j, segs, t) -> torch.Tensor:
-    """One forward over head + segments + tail, LoRA on for the segments and the tail only."""
-    H = P + G[:j]
-    if not segs:
-        ids, pos, groups = P + G, list(range(len(P + G))), ["head"] * len(P + G)
-    else:
-        head, tail = H[: max(0, len(H) - t)], H[max(0, len(H) - t) :] + G[j:]
-        ids, pos, groups = list(head), list(range(len(head))), ["head"] * len(head)
-        p = -sum(len(s) for s in segs)
-        for g, seg in enumerate(segs):
-            ids += seg
-            pos += list(range(p, p + len(seg)))
-            groups += [g] * len(seg)
-            p += len(seg)
-        ids += tail
-        pos += list(range(len(head), len(head) + len(tail)))
-        groups += ["tail"] * len(tail)
-    n = len(ids)
-    allowed = torch.zeros(n, n, dtype=torch.bool)
-    for q in range(n):
-        for k in range(n):
-            if groups[q] in ("head", "tail"):
-                allowed[q, k] = k <= q
-            else:
-                allowed[q, k] = groups[k] == groups[q] and k <= q
-    mask = torch.zeros(1, 1, n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    gate = torch.tensor([[g != "head" for g in groups]])
-    with torch.no_grad(), lora_gate(gate):
-        out = fb.model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos]), attention_mask=mask)
-    return out.logits[0, -1]
-
-
 def check(fb, config: FlashBackConfig, n: int) -> list[int]:
     P = fb.tokenizer(PROMPT).input_ids
     events = list(
@@ -80,7 +48,7 @@ def check(fb, config: FlashBackConfig, n: int) -> list[int]:
         r = [r for r in retrievals if r.step <= step][-1]
         assert r.query == query(fb, P, G, r.step)
         segs = segments_of(fb, [p.text for p in r.passages], True)
-        ref = gated_isolated_forward(fb, P, G[:step], r.step, segs, config.tail_tokens)
+        ref = isolated_forward(fb, P, G[:step], r.step, segs, config.tail_tokens, gated=True)
         diff = (event.logits - ref).abs().max().item()
         assert diff <= 1e-4, f"step {step}: max |cached - full| = {diff}"
     return G

@@ -14,6 +14,7 @@ import torch
 from tiny import HashRetriever, make_model
 
 from flashback_integrations import ConfigError, FlashBackConfig, FlashBackModel, Passage
+from flashback_integrations.activation import lora_gate
 
 ROPE_ARCHS = ("llama", "qwen2", "mistral", "gemma")
 MAX_DOC = 12
@@ -39,8 +40,9 @@ def segments_of(fb: FlashBackModel, texts: list[str], marks: bool) -> list[list[
     return out
 
 
-def isolated_forward(fb, P, G, j, segs, t, sink=False) -> torch.Tensor:
-    """METHOD.md's isolated table as one forward: head, segments at negative positions, tail."""
+def isolated_forward(fb, P, G, j, segs, t, sink=False, gated=False) -> torch.Tensor:
+    """METHOD.md's isolated table as one forward: head, segments at negative positions, tail. ``gated``:
+    an activated adapter is on for the segments and the tail only."""
     H = P + G[:j]
     if not segs:
         ids, pos = P + G, list(range(len(P + G)))
@@ -68,7 +70,9 @@ def isolated_forward(fb, P, G, j, segs, t, sink=False) -> torch.Tensor:
                 allowed[q, k] = (groups[k] == groups[q] and k <= q) or (sink and k == first_text)
     dtype = fb.model.dtype
     mask = torch.zeros(1, 1, n, n, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    with torch.no_grad():
+    head = len(H) - t if segs else n  # tokens before the first segment: the text's head
+    gate = torch.tensor([[i >= max(head, 0) for i in range(n)]]) if gated else None
+    with torch.no_grad(), lora_gate(gate):
         out = fb.model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos]), attention_mask=mask)
     return out.logits[0, -1]
 
