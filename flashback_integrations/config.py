@@ -43,7 +43,8 @@ class FlashBackConfig:
     the portable variant for engines that only reuse causal prefixes (0 = the paper's layout).
     """
 
-    mode: Mode = "append"
+    mode: Mode | None = None
+    """None: the layout the model was loaded for (its adapter's; ``"default"``: isolated), else append."""
     stride: int = 16
     query_tokens: int = 32
     num_passages: int = 1
@@ -56,7 +57,7 @@ class FlashBackConfig:
     block_offset: int = 0
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
+        if self.mode is not None and self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r} is not one of {MODES}.")
         require_positive_ints(self, ("stride", "query_tokens", "num_passages", "max_doc_tokens"))
         if self.marks not in (None, True, False):

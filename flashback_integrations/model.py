@@ -137,8 +137,12 @@ class FlashBackModel:
             model, tokenizer, manifest = load_adapter(
                 model, tokenizer, adapter, merge=merge_adapter, check_base=check_adapter_base
             )
-        if config is None and manifest is not None and manifest.flashback_config:
-            config = FlashBackConfig.from_dict(manifest.flashback_config)
+        if manifest is not None and manifest.flashback_config:
+            saved = FlashBackConfig.from_dict(manifest.flashback_config)
+            if config is None:
+                config = saved
+            elif config.mode is None:  # the adapter's layout unless the caller chose one
+                config = config.replace(mode=saved.mode)
         return cls(
             model,
             tokenizer,
@@ -245,9 +249,12 @@ class FlashBackModel:
         return encode_text(self.tokenizer, text, add_special_tokens=False)
 
     def resolve_config(self, config: FlashBackConfig | None = None, **overrides: Any) -> FlashBackConfig:
+        """The settings of one call; ``mode=None`` means this model's own layout (else append)."""
         config = config or self.config
         if overrides:
             config = config.replace(**overrides)
+        if config.mode is None:
+            config = config.replace(mode=self.config.mode or "append")
         return config
 
     def _marks_for(self, config: FlashBackConfig) -> MarkIds | None:
@@ -296,7 +303,8 @@ class FlashBackModel:
             raise ConfigError(
                 f"this adapter is activated from the passage on (trained for mode='isolated'); mode="
                 f"{config.mode!r} would read its passage with the base model. Use mode='isolated' (or 'none'), "
-                "or load an adapter trained for this mode."
+                "or load an adapter trained for this mode (for the default model: "
+                f"FlashBackModel.from_pretrained('default', config=FlashBackConfig(mode={config.mode!r})))."
             )
         marks = self._marks_for(config)
         prompt_ids = self.encode(prompt)

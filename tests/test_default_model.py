@@ -34,8 +34,13 @@ def test_default_resolves_to_a_verified_safetensors_copy(home) -> None:
     assert resolve.resolve_model("default") == path  # cached: no second conversion
     fb = FlashBackModel.from_pretrained("default")
     assert fb.model.config.model_type == "llama" and fb.model.config.vocab_size == 49152 + 2  # + the marks
-    # "default" comes with the shipped FlashBack adapter: marks, settings and the manifest's base check
-    assert fb.mark_ids is not None and fb.config.mode == "append" and fb.config.marks is True
+    # "default" comes with the shipped isolated adapter (activated): marks, settings and the manifest's base check
+    assert fb.mark_ids is not None and fb.config.mode == "isolated" and fb.config.marks is True
+    from flashback_integrations.activation import is_activated
+
+    assert is_activated(fb.model)
+    append = FlashBackModel.from_pretrained("default", config=FlashBackConfig(mode="append"))
+    assert not is_activated(append.model) and append.adapter_manifest.flashback_config["mode"] == "append"
     assert fb.adapter_manifest is not None and fb.adapter_manifest.mark_token_ids == [49152, 49153]
     assert fb.adapter_manifest.extra["training"]["hardware"]["device"] in ("cuda", "cpu")
     plain = FlashBackModel.from_pretrained("default", adapter="none")
