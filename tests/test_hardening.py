@@ -476,7 +476,7 @@ def test_index_add_does_not_follow_a_symlink_out_of_the_folder(tmp_path) -> None
 
 # ----------------------------------------------------------------------------- property test
 def test_random_settings_give_a_result_or_a_flashback_error(llama_fb) -> None:
-    hypothesis = pytest.importorskip("hypothesis")
+    pytest.importorskip("hypothesis")
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
@@ -503,14 +503,12 @@ def test_random_settings_give_a_result_or_a_flashback_error(llama_fb) -> None:
         prompt = call.pop("prompt", "The json module")
         call.setdefault("max_new_tokens", 3)
         try:
-            cfg = FlashBackConfig(**{**good_config, **config, "query_tokens": 4} if "query_tokens" not in config
-                                  else {**good_config, **config})  # fmt: skip
+            cfg = FlashBackConfig(**{"query_tokens": 4, **good_config, **config})
             fb.generate(prompt, lambda q, k: returns, config=cfg, **call)
         except FlashBackError as exc:
             assert str(exc)  # a message, never an empty error
 
     check()
-    assert hypothesis is not None
     assert reference(fb) == before
 
 
