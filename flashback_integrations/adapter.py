@@ -218,6 +218,6 @@ def load_adapter(
         if not activate(peft_model):
             raise AdapterMismatchError(f"Adapter {directory} is marked activated but holds no LoRA layers.")
         return peft_model, new_tokenizer, manifest
-    if merge:
+    if merge and not getattr(model, "is_quantized", False):  # merging into quantized weights rounds
         return peft_model.merge_and_unload(), new_tokenizer, manifest
     return peft_model, new_tokenizer, manifest

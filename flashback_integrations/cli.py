@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -46,6 +47,30 @@ PersistDir = Annotated[
 ]
 ChromaHost = Annotated[str | None, typer.Option("--chroma-host", help="Use a Chroma server at this host.")]
 ChromaPort = Annotated[int, typer.Option("--chroma-port", help="Chroma server port.")]
+# How the model is loaded (the framework classes' dtype/device/revision/trust_remote_code/model_kwargs).
+DtypeOpt = Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 (default: bf16 on a GPU, else fp32).")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N (default: the GPU when there is one).")]
+RevisionOpt = Annotated[str | None, typer.Option(help="Hub branch, tag or commit of --model.")]
+TrustRemoteCodeOpt = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Run the model repository's own code (trusted repos only).")
+]
+ModelKwargsOpt = Annotated[
+    str | None,
+    typer.Option(help='JSON object of from_pretrained arguments, e.g. \'{"attn_implementation": "eager"}\'.'),
+]
+
+
+def _loading(dtype: str | None, device: str | None, revision: str | None, trust: bool, kwargs: str | None) -> dict:
+    """The CLI's loading options as ``FlashBackModel.shared`` keyword arguments."""
+    extra = {}
+    if kwargs:
+        try:
+            extra = json.loads(kwargs)
+        except json.JSONDecodeError as exc:
+            raise typer.BadParameter(f"--model-kwargs is not JSON ({exc.msg}); give an object.") from exc
+        if not isinstance(extra, dict):
+            raise typer.BadParameter("--model-kwargs must be a JSON object.")
+    return {"dtype": dtype, "device": device, "revision": revision, "trust_remote_code": trust, **extra}
 
 
 def _passage_label(p) -> str:
@@ -68,13 +93,13 @@ def _print_retrieval(r: Retrieval) -> None:
     )
 
 
-def _load(model: str, adapter: str | None, mode: str | None = None):
+def _load(model: str, adapter: str | None, mode: str | None = None, loading: dict | None = None):
     """The model (with ``adapter``, or for ``"default"`` the shipped adapter of ``mode``), shared."""
     from .model import FlashBackModel
 
     with console.status(f"Loading {model}{' + ' + adapter if adapter else ''} ..."):
         started = time.perf_counter()
-        fb = FlashBackModel.shared(model, adapter=adapter, mode=mode)
+        fb = FlashBackModel.shared(model, adapter=adapter, mode=mode, **(loading or {}))
     console.print(
         f"[dim]loaded {fb.name} in {time.perf_counter() - started:.1f}s; marks available: {fb.mark_ids is not None}[/]"
     )
@@ -116,6 +141,11 @@ def generate(
     persist_dir: PersistDir = None,
     chroma_host: ChromaHost = None,
     chroma_port: ChromaPort = 8000,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    model_kwargs: ModelKwargsOpt = None,
 ) -> None:
     """Continue PROMPT, retrieving every --stride tokens from --collection (Chroma) or --corpus (BM25)."""
     from .model import default_mode_for
@@ -141,7 +171,7 @@ def generate(
             retriever = ChromaRetriever(collection, client=_client(persist_dir, chroma_host, chroma_port))
         elif config.retrieves:
             retriever = BM25Retriever.from_files(corpus or [sample_corpus_dir()], chunk_words=80)
-        fb = _load(model, adapter, mode)
+        fb = _load(model, adapter, mode, _loading(dtype, device, revision, trust_remote_code, model_kwargs))
         events = fb.stream(
             prompt,
             retriever,
@@ -205,6 +235,11 @@ def demo(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 64,
     stride: Annotated[int, typer.Option(help="Retrieve every N tokens.")] = 16,
     persist_dir: PersistDir = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    model_kwargs: ModelKwargsOpt = None,
 ) -> None:
     """Answer questions with retrieval over the bundled corpus, then time each mode."""
     from .model import default_mode_for
@@ -212,7 +247,8 @@ def demo(
 
     corpus = sample_corpus_dir()
     first = default_mode_for(model, adapter)
-    fb = _load(model, adapter, first)
+    loading = _loading(dtype, device, revision, trust_remote_code, model_kwargs)
+    fb = _load(model, adapter, first, loading)
     client = connect(persist_dir)
     report = ingest(
         client,
@@ -256,7 +292,7 @@ def demo(
         modes = ("isolated", *modes)
     for mode in modes:
         seconds, forwarded = 0.0, 0
-        fb_mode = fb if adapter is not None or model != "default" else _load(model, None, mode)
+        fb_mode = fb if adapter is not None or model != "default" else _load(model, None, mode, loading)
         if _activated(fb_mode) and mode in ("append", "prepend"):
             continue  # an activated adapter serves isolated/none only; pass --adapter for the others
         for question, prompt in zip(DEMO_QUESTIONS, prompts, strict=True):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from typing import Any
+
 import torch
 
 from .errors import ConfigError
@@ -36,3 +39,56 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise ConfigError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) exist.")
     return resolved
+
+
+# Set by FlashBack itself (from its own arguments); in model_kwargs they would be ambiguous.
+_OWN_LOAD_ARGS = {
+    "dtype": "dtype",
+    "torch_dtype": "dtype",
+    "trust_remote_code": "trust_remote_code",
+    "revision": "revision",
+    "device": "device",
+}
+# Attention kernels that take the engine's explicit 4-D masks and position ids.
+MASK_ATTENTION = ("eager", "sdpa")
+
+
+def check_model_kwargs(model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """Extra ``from_pretrained`` arguments, checked before anything loads (as ``HuggingFaceLLM``'s
+    ``model_kwargs``): ``device_map``, ``quantization_config``, ``attn_implementation``, ..."""
+    if model_kwargs is None:
+        return {}
+    if not isinstance(model_kwargs, dict) or not all(isinstance(k, str) for k in model_kwargs):
+        raise ConfigError(f"model_kwargs must be a dict of from_pretrained arguments, got {model_kwargs!r}.")
+    for key, field in _OWN_LOAD_ARGS.items():
+        if key in model_kwargs:
+            raise ConfigError(f"pass {field}=... directly, not inside model_kwargs ({key!r} found there).")
+    if model_kwargs.get("device_map") is not None and importlib.util.find_spec("accelerate") is None:
+        raise ConfigError("model_kwargs device_map needs the accelerate package: pip install accelerate.")
+    attn = model_kwargs.get("attn_implementation")
+    if attn is not None and attn not in MASK_ATTENTION:
+        raise ConfigError(
+            f"attn_implementation={attn!r} cannot take the per-token masks and positions FlashBack's layouts "
+            f"need; use one of {', '.join(MASK_ATTENTION)}."
+        )
+    return dict(model_kwargs)
+
+
+def auto_placement(
+    dtype: torch.dtype | str | None, device: str | torch.device | None, device_map: Any = None
+) -> tuple[torch.dtype, torch.device | None]:
+    """What users of ``HuggingFaceLLM`` expect with nothing given: the GPU when there is one, in bf16
+    (fp16 where bf16 is not supported), else the CPU in fp32. With ``device_map`` accelerate places
+    the weights, so no device is returned."""
+    if device_map is not None and device is not None:
+        raise ConfigError("pass device or model_kwargs device_map, not both.")
+    if device_map is not None:
+        on_gpu, placed = torch.cuda.is_available(), None
+    else:
+        placed = resolve_device(device)
+        on_gpu = placed.type == "cuda"
+    if dtype is not None and str(dtype) != "auto":
+        return resolve_dtype(dtype), placed
+    if on_gpu:
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), placed
+    return torch.float32, placed

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .config import FlashBackConfig
+from .constrained import Constraint, Grammar
 from .errors import RetrievalError
 from .events import (
     Event,
@@ -25,6 +26,7 @@ from .events import (
     Retrieval,
     RetrievalEvent,
     TokenEvent,
+    TokenLogprob,
 )
 from .kvcache import KVContext, PassageKVCache
 from .layout import MarkIds, Span, build_spans, find_mark_ids, passage_ids, passage_segments, query_ids, wrap_block
@@ -50,6 +52,9 @@ class GenerationSpec:
     first_query: str | None = None
     passage_cache: PassageKVCache | None = None
     fingerprint: Hashable | None = None
+    grammar: Grammar | None = None
+    top_logprobs: int | None = None
+    """None: no log-probabilities; n >= 0: each token's log-probability and the n most likely."""
 
 
 _STUCK_LOCK = threading.Lock()
@@ -138,6 +143,10 @@ def run(model: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:
     banned = [known.left, known.right] if known else []
     finish = "length"
     fed_total = 0
+    logprobs: list[TokenLogprob] | None = [] if spec.top_logprobs is not None else None
+    constraint = None
+    if spec.grammar is not None:
+        constraint = Constraint(spec.grammar, tokenizer, model.get_input_embeddings().weight.shape[0], spec.eos_ids)
     try:
         for step in range(spec.max_new_tokens):
             record: Retrieval | None = None
@@ -157,8 +166,16 @@ def run(model: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:
             if banned:
                 logits = logits.clone() if raw is not None else logits
                 logits[banned] = float("-inf")
+            model_logits = logits
+            if constraint is not None:
+                logits = constraint.mask(logits)
             history = (*prompt, *generated) if sampling.repetition_penalty != 1.0 else ()
             token = choose_token(logits, sampling, generator, history, processors)
+            if constraint is not None:
+                constraint.accept(token)
+            scored = _logprob(model_logits, token, spec.top_logprobs) if logprobs is not None else None
+            if scored is not None:
+                logprobs.append(scored)
             generated.append(token)
             is_eos = token in spec.eos_ids
             delta = "" if is_eos else text.add(token)
@@ -169,7 +186,7 @@ def run(model: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:
             last = finish != "length" or step == spec.max_new_tokens - 1
             if last:
                 delta += text.finish()  # release what was held back for a possible stop string
-            event = TokenEvent(step=step, token_id=token, text=delta, logits=raw)
+            event = TokenEvent(step=step, token_id=token, text=delta, logits=raw, logprob=scored)
             for cb in spec.callbacks:
                 cb.on_token(event)
             yield event
@@ -187,8 +204,17 @@ def run(model: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:
             prompt_tokens=len(prompt),
             forward_tokens=fed_total,
             elapsed_s=time.perf_counter() - started,
+            logprobs=logprobs,
         )
     )
+
+
+def _logprob(logits: torch.Tensor, token: int, top: int | None) -> TokenLogprob:
+    """The chosen token's log-probability under the model (marks already -inf) and the ``top`` best."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logp, top) if top else None
+    pairs = tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else ()
+    return TokenLogprob(token_id=token, logprob=float(logp[token]), top=pairs)
 
 
 def run_rows(model: Any, tokenizer: Any, specs: Sequence[GenerationSpec]) -> list[GenerationResult]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .retrieval import Passage
 
@@ -46,6 +46,19 @@ class TokenEvent:
     text: str
     logits: torch.Tensor | None = None
     """Raw next-token logits (before masking and sampling) when ``output_logits=True``."""
+    logprob: TokenLogprob | None = None
+    """The token's log-probability and the most likely alternatives, when ``logprobs`` was asked for."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Log-probabilities under the model's own next-token distribution (marking tokens excluded), before
+    sampling settings and grammar constraints, as vLLM's and OpenAI's ``logprobs`` report them."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """The ``top_logprobs`` most likely ids and their log-probabilities, most likely first."""
 
 
 @dataclass
@@ -74,6 +87,8 @@ class GenerationResult:
     forward_tokens: int
     """Tokens that went through the model: the compute the cache did not save."""
     elapsed_s: float
+    logprobs: list[TokenLogprob] | None = None
+    """One entry per generated token when ``logprobs`` was asked for."""
 
     @property
     def completion_tokens(self) -> int:
@@ -106,3 +121,16 @@ def final_result(events: Iterable[Event]) -> GenerationResult:
         if isinstance(event, FinishEvent):
             return event.result
     raise RuntimeError("generation ended without a result")  # pragma: no cover
+
+
+def logprobs_payload(tokenizer: Any, entries: Iterable[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's ``logprobs`` object (``{"content": [{"token", "bytes", "logprob", "top_logprobs"}]}``),
+    which LangChain's ``response_metadata["logprobs"]`` and FlareChain read."""
+
+    def item(token_id: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "bytes": list(text.encode("utf-8")), "logprob": logprob}
+
+    return {
+        "content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]} for e in entries]
+    }

@@ -8,11 +8,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .config import FlashBackConfig
-from .devices import resolve_device, resolve_dtype
+from .devices import auto_placement, check_model_kwargs
 from .errors import ConfigError
 from .layout import block_budget
 from .model import FlashBackModel, default_mode_for
-from .sampling import validate_sampling
+from .sampling import validate_logprobs, validate_sampling
 
 
 class FlashBackSettings(BaseModel):
@@ -46,10 +46,22 @@ class FlashBackSettings(BaseModel):
     min_p: float | None = None
     repetition_penalty: float = 1.0
     seed: int | None = None
+    logprobs: bool = False
+    """Report each generated token's log-probability (OpenAI format)."""
+    top_logprobs: int | None = None
+    """With ``logprobs``: also the n most likely tokens at each step (0-20)."""
     max_new_tokens: int = Field(default=256, alias="max_tokens")
     stop: list[str] | None = None
-    dtype: str = "float32"
+    dtype: str | None = None
+    """float32 | bfloat16 | float16; None: bf16 on a GPU, fp32 on the CPU."""
     device: str | None = None
+    """cpu | cuda | cuda:N; None: the GPU when there is one, else the CPU."""
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """More ``from_pretrained`` arguments: ``device_map``, ``quantization_config``, ``attn_implementation``."""
+    revision: str | None = None
+    """Hub branch, tag or commit of ``model``."""
+    trust_remote_code: bool = False
+    """Run the model repository's own Python code (only for repositories you trust)."""
     flashback_model: FlashBackModel | None = Field(default=None, exclude=True)
     """An already loaded model; takes precedence over ``model``/``adapter``."""
     # Accepted so the class drops into code written for hosted models; a local model has no use for them.
@@ -62,6 +74,7 @@ class FlashBackSettings(BaseModel):
         """Validate the FlashBack settings at construction, not at the first call (a validator rather
         than ``model_post_init``, which the frameworks' base classes use themselves)."""
         config = self.flashback_config()
+        validate_logprobs(self.logprobs, self.top_logprobs)
         validate_sampling(
             self.temperature,
             self.top_p,
@@ -72,9 +85,7 @@ class FlashBackSettings(BaseModel):
             self.min_p,
             self.repetition_penalty,
         )
-        resolve_dtype(self.dtype)
-        if self.device is not None:
-            resolve_device(self.device)
+        auto_placement(self.dtype, self.device, check_model_kwargs(self.model_kwargs).get("device_map"))
         window = self._window()
         if window is not None and config.retrieves:
             block = block_budget(config.num_passages, config.max_doc_tokens, config.marks is not False)
@@ -96,7 +107,8 @@ class FlashBackSettings(BaseModel):
 
             from .resolve import resolve_model
 
-            cfg = AutoConfig.from_pretrained(resolve_model(self.model), trust_remote_code=False)
+            hub = {"revision": self.revision} if self.revision else {}
+            cfg = AutoConfig.from_pretrained(resolve_model(self.model), trust_remote_code=False, **hub)
         except Exception:  # noqa: BLE001 - unreachable here; the call itself checks the window again
             return None
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -134,9 +146,16 @@ class FlashBackSettings(BaseModel):
             return self.flashback_model
         # no private attribute here: pydantic would install its own model_post_init on this mixin and
         # shadow the framework base classes' one; the shared registry is the cache
-        return FlashBackModel.shared(
-            self.model, self.adapter, dtype=self.dtype, device=self.device, mode=self.resolved_mode()
-        )
+        return FlashBackModel.shared(self.model, self.adapter, mode=self.resolved_mode(), **self._load_kwargs())
+
+    def _load_kwargs(self) -> dict[str, Any]:
+        return {
+            "dtype": self.dtype,
+            "device": self.device,
+            "revision": self.revision,
+            "trust_remote_code": self.trust_remote_code,
+            **self.model_kwargs,
+        }
 
     def flashback_for_call(self, kwargs: dict[str, Any]) -> tuple[FlashBackModel, str]:
         """The model for one call: ``invoke(..., model="other")`` overrides the configured one."""
@@ -144,7 +163,7 @@ class FlashBackSettings(BaseModel):
         if override is None or override == self.model:
             return self.flashback(), self.model_label()
         mode = self.mode or default_mode_for(override, self.adapter)
-        return FlashBackModel.shared(override, self.adapter, dtype=self.dtype, device=self.device, mode=mode), override
+        return FlashBackModel.shared(override, self.adapter, mode=mode, **self._load_kwargs()), override
 
     def model_label(self) -> str:
         return self.flashback_model.name if self.flashback_model is not None else self.model
@@ -178,6 +197,10 @@ class FlashBackSettings(BaseModel):
         }
         if overrides.get("first_query") is not None:
             kwargs["first_query"] = overrides["first_query"]
+        logprobs = overrides.get("logprobs", self.logprobs)
+        top = overrides.get("top_logprobs", self.top_logprobs)
+        if logprobs or top:
+            kwargs["logprobs"], kwargs["top_logprobs"] = logprobs, top
         return kwargs
 
 
@@ -191,4 +214,6 @@ _CALL_OPTIONS = {
     "repetition_penalty",
     "seed",
     "first_query",
+    "logprobs",
+    "top_logprobs",
 }

@@ -14,14 +14,16 @@ from . import engine
 from .activation import is_activated
 from .adapter import AdapterManifest, load_adapter
 from .config import FlashBackConfig
-from .devices import resolve_device, resolve_dtype
+from .constrained import Constraint, Grammar
+from .devices import auto_placement, check_model_kwargs
 from .errors import ConfigError, ContextWindowError, MarksUnavailableError
 from .events import Event, FlashBackCallback, GenerationResult, final_result
 from .kvcache import DEFAULT_PASSAGE_CACHE_BYTES, PassageKVCache, uses_rotary_positions, weights_fingerprint
 from .layout import MARK_L, MARK_R, MarkIds, block_budget, encode_text, find_mark_ids
 from .resolve import load_pretrained, resolve_model
 from .retrieval import RetrieverLike, as_retrieve_fn
-from .sampling import Sampling, validate_sampling
+from .sampling import Sampling, validate_logprobs, validate_sampling
+from .tools import check_tools, fallback_messages, template_supports_tools
 
 ADAPTERS = Path(__file__).parent / "adapters"
 SHIPPED_ADAPTERS = {
@@ -74,7 +76,7 @@ def _choose_adapter(name: str, adapter: str | Path | bool | None, config: FlashB
     return adapter
 
 
-_SHARED: dict[tuple[str, str | None, str, str], FlashBackModel] = {}
+_SHARED: dict[tuple[Any, ...], FlashBackModel] = {}
 _SHARED_LOCK = threading.Lock()
 
 
@@ -109,11 +111,13 @@ class FlashBackModel:
         name_or_path: str = "default",
         adapter: str | Path | bool | None = None,
         config: FlashBackConfig | None = None,
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
         merge_adapter: bool = True,
         check_adapter_base: bool = True,
         passage_cache_bytes: int = DEFAULT_PASSAGE_CACHE_BYTES,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
         **model_kwargs: Any,
     ) -> FlashBackModel:
         """Load ``"default"`` (SmolLM2-135M-Instruct, offline when possible), a hub id or a local path.
@@ -121,16 +125,24 @@ class FlashBackModel:
         ``adapter`` is a FlashBack/PEFT adapter directory; its marking tokens and settings are restored,
         and it is refused when it was trained for another base model. ``"default"`` comes with the
         FlashBack adapter shipped in the package unless ``adapter="none"`` (or ``False``) or
-        ``config.marks is False``.
+        ``config.marks is False``. With no ``device`` the GPU is used when there is one (bf16), else the
+        CPU (fp32); ``model_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``device_map``,
+        ``quantization_config``, ``attn_implementation``, ...). Remote code runs only with
+        ``trust_remote_code=True``.
         """
-        dtype = resolve_dtype(dtype)
-        device = resolve_device(device) if device is not None else None
+        model_kwargs = check_model_kwargs(model_kwargs)
+        dtype, device = auto_placement(dtype, device, model_kwargs.get("device_map"))
+        if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+            raise ConfigError(f"revision must be a branch, tag or commit name, got {revision!r}.")
         adapter = _choose_adapter(name_or_path, adapter, config)
 
         source = resolve_model(name_or_path)
-        tokenizer = load_pretrained(source, "tokenizer")
-        model = load_pretrained(source, "model", dtype=dtype, **model_kwargs)
-        if device is not None:
+        hub = {"revision": revision} if revision is not None else {}
+        tokenizer = load_pretrained(source, "tokenizer", trust_remote_code=trust_remote_code, **hub)
+        model = load_pretrained(
+            source, "model", trust_remote_code=trust_remote_code, dtype=dtype, **hub, **model_kwargs
+        )
+        if device is not None and model_kwargs.get("device_map") is None and not getattr(model, "is_quantized", False):
             model.to(device)
         manifest = None
         if adapter is not None:
@@ -157,19 +169,39 @@ class FlashBackModel:
         cls,
         name_or_path: str = "default",
         adapter: str | Path | bool | None = None,
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
         mode: str | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        **model_kwargs: Any,
     ) -> FlashBackModel:
-        """One instance per (model, adapter, dtype, device) in this process: framework objects built
+        """One instance per (model, adapter, loading arguments) in this process: framework objects built
         many times over the same model (LangChain, LlamaIndex) load the weights once. ``mode`` picks
         the shipped adapter of ``"default"`` for that layout."""
-        dtype = resolve_dtype(dtype)
+        model_kwargs = check_model_kwargs(model_kwargs)
+        dtype, placed = auto_placement(dtype, device, model_kwargs.get("device_map"))
         chosen = _choose_adapter(name_or_path, adapter, FlashBackConfig(mode=mode) if mode else None)
-        key = (name_or_path, str(chosen) if chosen else None, str(dtype), str(device))
+        key = (
+            name_or_path,
+            str(chosen) if chosen else None,
+            str(dtype),
+            str(placed),
+            revision,
+            bool(trust_remote_code),
+            repr(sorted(model_kwargs.items())),
+        )
         with _SHARED_LOCK:
             if key not in _SHARED:
-                _SHARED[key] = cls.from_pretrained(name_or_path, adapter=chosen or "none", dtype=dtype, device=device)
+                _SHARED[key] = cls.from_pretrained(
+                    name_or_path,
+                    adapter=chosen or "none",
+                    dtype=dtype,
+                    device=placed,
+                    revision=revision,
+                    trust_remote_code=trust_remote_code,
+                    **model_kwargs,
+                )
             return _SHARED[key]
 
     # ----------------------------------------------------------------- properties
@@ -234,8 +266,12 @@ class FlashBackModel:
             ids = [bos]
         return ids
 
-    def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Prompt ids for a conversation through the tokenizer's chat template, ready for the answer."""
+    def chat_ids(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        """Prompt ids for a conversation through the tokenizer's chat template, ready for the answer.
+
+        Messages are ``{"role", "content"}`` dicts; an assistant message may carry OpenAI-format
+        ``tool_calls`` and a ``tool`` message a ``tool_call_id``. ``tools`` (OpenAI format) go through the
+        template's own tool support, or a system message when it has none (:mod:`.tools`)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ConfigError(f"{self.name!r} has no chat template; pass plain text prompts instead.")
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
@@ -245,7 +281,18 @@ class FlashBackModel:
                 raise ConfigError(
                     f"message {i} must be a dict with a string 'role' and a string 'content', got {m!r:.120}."
                 )
-        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+            calls = m.get("tool_calls")
+            if calls is not None and (m["role"] != "assistant" or not isinstance(calls, list)):
+                raise ConfigError(f"message {i}: only an assistant message may carry a tool_calls list.")
+        tools = check_tools(tools) if tools else None
+        uses_tools = tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+        if uses_tools and template_supports_tools(self.tokenizer):
+            text = self.tokenizer.apply_chat_template(
+                list(messages), tools=tools, add_generation_prompt=True, tokenize=False
+            )
+        else:
+            plain = fallback_messages(messages, tools) if uses_tools else list(messages)
+            text = self.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
         return encode_text(self.tokenizer, text, add_special_tokens=False)
 
     def resolve_config(self, config: FlashBackConfig | None = None, **overrides: Any) -> FlashBackConfig:
@@ -284,10 +331,23 @@ class FlashBackModel:
         top_k: int | None = None,
         min_p: float | None = None,
         repetition_penalty: float = 1.0,
+        grammar: Grammar | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
     ) -> engine.GenerationSpec:
         """Validate everything and fail before any model work."""
         config = self.resolve_config(config)
         stop = validate_sampling(temperature, top_p, max_new_tokens, seed, stop, top_k, min_p, repetition_penalty)
+        top = validate_logprobs(logprobs, top_logprobs)
+        if grammar is not None:
+            if not isinstance(grammar, Grammar):
+                raise ConfigError(
+                    f"grammar must be a Grammar (Grammar.json_schema(...), .json_object(), .lark(...), .regex(...)), "
+                    f"got {type(grammar).__name__}."
+                )
+            if ignore_eos:
+                raise ConfigError("a grammar ends the output with EOS; it cannot be combined with ignore_eos=True.")
+            Constraint(grammar, self.tokenizer, self.model.get_input_embeddings().weight.shape[0], self.eos_ids)
         if config.retrieves and retriever is None:
             raise ConfigError(
                 f"mode={config.mode!r} needs a retriever (an object with retrieve(query, k) or a "
@@ -332,6 +392,8 @@ class FlashBackModel:
             first_query=first_query,
             passage_cache=self.passage_cache if config.mode == "isolated" else None,
             fingerprint=weights_fingerprint(self.model) if config.mode == "isolated" else None,
+            grammar=grammar,
+            top_logprobs=top,
         )
 
     @property
@@ -369,12 +431,17 @@ class FlashBackModel:
         top_k: int | None = None,
         min_p: float | None = None,
         repetition_penalty: float = 1.0,
+        grammar: Grammar | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
     ) -> GenerationResult:
         """Generate up to ``max_new_tokens`` with a retrieval every ``config.stride`` tokens.
 
         Sampling (``temperature > 0``) takes ``top_k``, ``top_p``, ``min_p`` and ``seed``;
         ``repetition_penalty`` applies to greedy decoding too. Passages per retrieval are
-        ``config.num_passages``."""
+        ``config.num_passages``. A ``grammar`` (:class:`~.constrained.Grammar`) constrains the output
+        (JSON schema, JSON object, Lark, regex); ``logprobs``/``top_logprobs`` report each token's
+        log-probability and its best alternatives (``GenerationResult.logprobs``)."""
         events = self.stream(
             prompt,
             retriever,
@@ -391,6 +458,9 @@ class FlashBackModel:
             top_k=top_k,
             min_p=min_p,
             repetition_penalty=repetition_penalty,
+            grammar=grammar,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
         )
         return final_result(events)
 

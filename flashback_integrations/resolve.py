@@ -144,18 +144,19 @@ def _is_converted(target: Path) -> bool:
     return True
 
 
-def load_pretrained(source: str, kind: str = "model", **kwargs: Any) -> Any:
-    """``AutoTokenizer``/``AutoModelForCausalLM.from_pretrained`` with remote code refused and
-    loading failures turned into a :class:`ModelResolutionError` that says what to pass."""
+def load_pretrained(source: str, kind: str = "model", trust_remote_code: bool = False, **kwargs: Any) -> Any:
+    """``AutoTokenizer``/``AutoModelForCausalLM.from_pretrained`` with remote code refused unless the
+    caller opts in, and loading failures turned into a :class:`ModelResolutionError` that says what to pass."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     loader = AutoTokenizer if kind == "tokenizer" else AutoModelForCausalLM
     try:
-        return loader.from_pretrained(source, trust_remote_code=False, **kwargs)
-    except (OSError, ValueError) as exc:
+        return loader.from_pretrained(source, trust_remote_code=bool(trust_remote_code), **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
         raise ModelResolutionError(
             f"cannot load {kind} {source!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). Pass "
-            "'default', a hub id reachable from here, or a folder with config.json, weights and tokenizer."
+            "'default', a hub id reachable from here, or a folder with config.json, weights and tokenizer; "
+            "check revision and model_kwargs (a quantization_config needs its library installed)."
         ) from exc
 
 

@@ -98,6 +98,21 @@ def validate_sampling(
     return list(stops)
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's and vLLM's default limit
+
+
+def validate_logprobs(logprobs: Any, top_logprobs: Any) -> int | None:
+    """OpenAI's ``logprobs``/``top_logprobs`` -> None (off) or how many alternatives to report."""
+    if not isinstance(logprobs, bool):
+        raise ConfigError(f"logprobs must be True or False, got {logprobs!r}.")
+    top = top_logprobs if top_logprobs is not None else 0
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ConfigError(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top_logprobs!r}.")
+    if top and not logprobs:
+        raise ConfigError("top_logprobs needs logprobs=True.")
+    return top if logprobs else None
+
+
 def choose_token(
     logits: torch.Tensor,
     sampling: Sampling,

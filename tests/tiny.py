@@ -193,3 +193,35 @@ def make_chat_model(arch: str = "llama", marks: bool = True):
     model, tok = make_model(arch, marks=marks)
     tok.chat_template = CHAT_TEMPLATE
     return model, tok
+
+
+# A tools-capable template in the Hermes/Qwen style (tools in the system turn, calls in <tool_call>
+# tags, results in <tool_response> user turns), as Qwen2/2.5 ship it.
+TOOLS_CHAT_TEMPLATE = (
+    "{%- if tools %}<s>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n{% endif %}"
+    "<tools>\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}</tools>\n"
+    'Call a tool with <tool_call>{"name": ..., "arguments": ...}</tool_call></s>\n'
+    "{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'system' and tools %}"
+    "{%- elif m['role'] == 'tool' %}<s>user\n<tool_response>\n{{ m['content'] }}\n</tool_response></s>\n"
+    "{%- elif m['role'] == 'assistant' and m.get('tool_calls') %}<s>assistant\n"
+    "{% if m['content'] %}{{ m['content'] }}\n{% endif %}"
+    "{% for c in m['tool_calls'] %}<tool_call>\n"
+    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}\n</tool_call>'
+    "{% endfor %}</s>\n"
+    "{%- else %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def save_tiny_tools_model(path, positions: int = 2048) -> str:
+    """A tiny Qwen2-style model whose chat template renders tools (no marks: a plain local chat model)."""
+    model, tok = make_model("qwen2", marks=False, positions=positions)
+    tok.chat_template = TOOLS_CHAT_TEMPLATE
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

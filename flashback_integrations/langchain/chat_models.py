@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from operator import itemgetter
+from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManager, CallbackManager, CallbackManagerForLLMRun
 from langchain_core.language_models import LanguageModelInput
@@ -11,45 +14,23 @@ from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
 from langchain_core.outputs.chat_generation import merge_chat_generation_chunks
-from langchain_core.runnables import RunnableConfig, ensure_config
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough, ensure_config
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
 from langchain_core.utils.utils import LC_ID_PREFIX
+from pydantic import BaseModel
 
+from ..constrained import schema_hint
 from ..errors import ConfigError
-from ..events import FinishEvent, GenerationResult, TokenEvent, final_result
+from ..events import FinishEvent, GenerationResult, TokenEvent, final_result, logprobs_payload
+from ..tools import CallStream, ToolCall, call_grammar, check_tools, chosen_tools, parse_tool_calls
 from ._common import EventBridge, FlashBackSettings, RunRetriever, retrieval_payload
-
-_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "tool"}
-
-
-def _text(message: BaseMessage) -> str:
-    content = message.content
-    if isinstance(content, str):
-        return content
-    parts = []
-    for block in content:
-        if isinstance(block, str):
-            parts.append(block)
-        elif isinstance(block, dict) and block.get("type") == "text":
-            parts.append(str(block.get("text", "")))
-        else:
-            kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-            raise ConfigError(f"ChatFlashBack reads text only; got a {kind!r} content block.")
-    return "".join(parts)
-
-
-def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
-    """LangChain messages -> chat-template dicts, adjacent same-role messages merged."""
-    out: list[dict[str, str]] = []
-    for message in messages:
-        role = _ROLES.get(message.type, message.type)
-        text = _text(message)
-        if out and out[-1]["role"] == role:
-            out[-1]["content"] += "\n\n" + text
-        else:
-            out.append({"role": role, "content": text})
-    return out
+from ._messages import json_schema_of, lc_tool_call_chunk, lc_tool_calls, response_grammar, to_chat_messages
 
 
 def _usage(result: GenerationResult) -> UsageMetadata:
@@ -91,25 +72,39 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
 
     def _run(self, messages: list[BaseMessage], stop, run_manager, **kwargs: Any):
         fb, name = self.flashback_for_call(kwargs)
+        tools, tool_choice = kwargs.pop("tools", None), kwargs.pop("tool_choice", None)
+        parallel = kwargs.pop("parallel_tool_calls", None)
+        response_format = kwargs.pop("response_format", None)
+        kwargs.pop("ls_structured_output_format", None)  # tracing metadata only (our own stream())
+        if tools is not None:
+            tools = check_tools(tools)
+            if tool_choice == "none":
+                tools = None  # answer in text: the tools are not shown and nothing is parsed
+        grammar = None
+        if tools and (forced := chosen_tools(tools, tool_choice)):
+            grammar = call_grammar(forced, parallel=bool(parallel))
+        elif response_format is not None:
+            grammar = response_grammar(response_format)
         chat = to_chat_messages(messages)
         users = [m["content"] for m in chat if m["role"] == "user"]
-        prompt_ids = fb.chat_ids(chat)
+        if grammar is not None and grammar.kind == "json_schema" and not tools:
+            chat = schema_hint(chat, json.loads(grammar.source))
+        prompt_ids = fb.chat_ids(chat, tools=tools)
         retriever = RunRetriever(self.retriever, run_manager) if self.retriever is not None else None
-        events = fb.stream(
-            prompt_ids,
-            retriever,
-            callbacks=[EventBridge(run_manager)],
-            **self.generation_kwargs(stop, first_query=users[-1] if users else None, **kwargs),
-        )
-        return events, name
+        options = self.generation_kwargs(stop, first_query=users[-1] if users else None, **kwargs)
+        events = fb.stream(prompt_ids, retriever, callbacks=[EventBridge(run_manager)], grammar=grammar, **options)
+        return events, name, fb, bool(tools)
 
-    def _metadata(self, result: GenerationResult, name: str) -> dict[str, Any]:
-        return {
+    def _metadata(self, result: GenerationResult, name: str, fb: Any) -> dict[str, Any]:
+        metadata = {
             "model_name": name,
             "model_provider": "flashback",
             "finish_reason": result.finish_reason,
             "retrievals": [retrieval_payload(r) for r in result.retrievals],
         }
+        if result.logprobs is not None:
+            metadata["logprobs"] = logprobs_payload(fb.tokenizer, result.logprobs)
+        return metadata
 
     def _generate(
         self,
@@ -118,11 +113,16 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        events, name = self._run(messages, stop, run_manager, **kwargs)
+        events, name, fb, with_tools = self._run(messages, stop, run_manager, **kwargs)
         result = final_result(events)
-        message = AIMessage(
-            content=result.text, usage_metadata=_usage(result), response_metadata=self._metadata(result, name)
-        )
+        content, calls = result.text, {}
+        if with_tools:
+            parsed = parse_tool_calls(result.text, id_prefix=f"call_{uuid.uuid4().hex[:12]}")
+            content, calls = parsed.content, lc_tool_calls(parsed)
+        metadata = self._metadata(result, name, fb)
+        if calls.get("tool_calls"):
+            metadata["finish_reason"] = "tool_calls"
+        message = AIMessage(content=content, usage_metadata=_usage(result), response_metadata=metadata, **calls)
         return ChatResult(generations=[ChatGeneration(message=message)], llm_output={"model_name": self.model})
 
     def _stream(
@@ -132,21 +132,113 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        events, name = self._run(messages, stop, run_manager, **kwargs)
-        for event in events:
-            if isinstance(event, TokenEvent) and event.text:
-                chunk = ChatGenerationChunk(message=AIMessageChunk(content=event.text))
-                if run_manager is not None:
-                    run_manager.on_llm_new_token(event.text, chunk=chunk)
+        events, name, fb, with_tools = self._run(messages, stop, run_manager, **kwargs)
+        calls = CallStream(id_prefix=f"call_{uuid.uuid4().hex[:12]}") if with_tools else None
+        made_calls, errors = 0, []
+
+        def chunks(pieces: Any, logprob: Any = None) -> Iterator[ChatGenerationChunk]:
+            nonlocal made_calls
+            for piece in pieces:
+                if isinstance(piece, str):
+                    message = AIMessageChunk(content=piece)
+                else:
+                    message = AIMessageChunk(content="", tool_call_chunks=[lc_tool_call_chunk(piece, made_calls)])
+                    if isinstance(piece, ToolCall):
+                        made_calls += 1
+                    else:
+                        errors.append({"id": piece.id, "error": piece.error})
+                if logprob is not None:  # on the chunk its token produced; merged by LangChain's aggregation
+                    message.response_metadata = {"logprobs": logprobs_payload(fb.tokenizer, [logprob])}
+                    logprob = None
+                chunk = ChatGenerationChunk(message=message)
+                if run_manager is not None and isinstance(piece, str):
+                    run_manager.on_llm_new_token(piece, chunk=chunk)
                 yield chunk
+            if logprob is not None:
+                yield ChatGenerationChunk(
+                    message=AIMessageChunk(
+                        content="", response_metadata={"logprobs": logprobs_payload(fb.tokenizer, [logprob])}
+                    )
+                )
+
+        for event in events:
+            if isinstance(event, TokenEvent) and (event.text or event.logprob is not None):
+                pieces = calls.feed(event.text) if calls is not None else [event.text] if event.text else []
+                yield from chunks(pieces, event.logprob)
             elif isinstance(event, FinishEvent):
+                if calls is not None:
+                    yield from chunks(calls.close())
+                metadata = self._metadata(event.result, name, fb)
+                metadata.pop("logprobs", None)  # already on the token chunks
+                if made_calls:
+                    metadata["finish_reason"] = "tool_calls"
+                if errors:
+                    metadata["tool_call_errors"] = errors
                 last = AIMessageChunk(
                     content="",
                     usage_metadata=_usage(event.result),
-                    response_metadata=self._metadata(event.result, name),
+                    response_metadata=metadata,
                     chunk_position="last",
                 )
                 yield ChatGenerationChunk(message=last)
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: str | dict | bool | None = None,
+        parallel_tool_calls: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Tools the model may call (``tool_choice="auto"``), must call (``"any"``/``"required"``, or a
+        tool's name), or must not (``"none"``). A required call is written under a grammar, so it always
+        parses, even on a 135M model; ``parallel_tool_calls=True`` lets a required turn hold several."""
+        formatted = check_tools([convert_to_openai_tool(t) for t in tools])
+        chosen_tools(formatted, tool_choice if tool_choice != "none" else None)  # a wrong name fails here
+        if parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = parallel_tool_calls
+        return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict | BaseModel]:
+        """Output that validates against ``schema`` (pydantic, TypedDict, JSON schema): ``json_schema``
+        constrains the answer itself, ``function_calling`` forces a call of a tool built from the schema,
+        ``json_mode`` any JSON object (describe the fields in the prompt)."""
+        kwargs.pop("strict", None)  # constrained decoding is always strict
+        if kwargs:
+            raise ConfigError(f"with_structured_output got unknown arguments {sorted(kwargs)}.")
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        tracing = {"kwargs": {"method": method}, "schema": schema}
+        if method == "function_calling":
+            name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=tracing)
+            parser: Runnable = (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
+                if is_pydantic
+                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+            )
+        elif method in ("json_schema", "json_mode"):
+            if method == "json_schema":
+                grammar_schema = json_schema_of(schema)
+                response_format = {"type": "json_schema", "json_schema": {"schema": grammar_schema}}
+                response_grammar(response_format)  # a schema the grammar library rejects fails here
+            else:
+                response_format = {"type": "json_object"}
+            llm = self.bind(response_format=response_format, ls_structured_output_format=tracing)
+            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()  # type: ignore[arg-type]
+        else:
+            raise ConfigError(f"method must be 'json_schema', 'function_calling' or 'json_mode', got {method!r}.")
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
 
     # BaseChatModel.stream/astream do not hand their run manager to _stream/_astream (by design since
     # langchain-core 0.1.x), so retrievals made while streaming could not become child runs of the

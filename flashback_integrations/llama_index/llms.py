@@ -1,50 +1,123 @@
-"""``FlashBackLLM`` for LlamaIndex: a ``CustomLLM`` that retrieves every ``stride`` tokens."""
+"""``FlashBackLLM`` for LlamaIndex: a function-calling LLM that retrieves every ``stride`` tokens.
+
+Chat models (a tokenizer with a chat template) chat through the template, tools included; base
+models (GPT-2, OPT, ...) report ``is_chat_model=False`` and chat through ``complete``. Structured
+prediction (``structured_predict``, ``as_structured_llm``) writes under a JSON-schema grammar, so
+it validates whatever the model; the async methods run generation in a worker thread and never block
+the event loop.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import asyncio
+import json
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
+    ChatResponseAsyncGen,
     ChatResponseGen,
     CompletionResponse,
+    CompletionResponseAsyncGen,
     CompletionResponseGen,
     LLMMetadata,
+    LogProb,
     MessageRole,
+    TextBlock,
+    ToolCallBlock,
 )
 from llama_index.core.instrumentation.span import active_span_id
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.schema import NodeWithScore
 
-from ..events import Event, FinishEvent, GenerationResult, TokenEvent, final_result
+from ..constrained import Grammar, closed, schema_hint
+from ..errors import ConfigError
+from ..events import Event, FinishEvent, GenerationResult, TokenEvent, TokenLogprob, final_result
 from ..framework_settings import FlashBackSettings
 from ..layout import block_budget
+from ..tools import call_grammar, check_tools, parse_tool_calls
 from .events import LlamaIndexBridge
 
 
-def chat_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
-    """LlamaIndex messages -> chat-template dicts, adjacent same-role messages merged."""
-    out: list[dict[str, str]] = []
+def chat_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """LlamaIndex messages -> chat-template dicts. Adjacent plain messages of one role are merged;
+    an assistant turn's tool calls (``ToolCallBlock``s) and each tool result stay their own message."""
+    out: list[dict[str, Any]] = []
     for message in messages:
         role = message.role.value if isinstance(message.role, MessageRole) else str(message.role)
-        text = message.content or ""
-        if out and out[-1]["role"] == role:
+        text = "".join(b.text for b in message.blocks if isinstance(b, TextBlock))
+        entry: dict[str, Any] = {"role": role, "content": text}
+        calls = [b for b in message.blocks if isinstance(b, ToolCallBlock)]
+        if calls:
+            entry["tool_calls"] = [
+                {
+                    "type": "function",
+                    "id": c.tool_call_id,
+                    "function": {
+                        "name": c.tool_name,
+                        "arguments": c.tool_kwargs if isinstance(c.tool_kwargs, dict) else json.loads(c.tool_kwargs),
+                    },
+                }
+                for c in calls
+            ]
+        if role == "tool":
+            entry["tool_call_id"] = message.additional_kwargs.get("tool_call_id")
+        if len(entry) == 2 and role != "tool" and out and out[-1]["role"] == role and len(out[-1]) == 2:
             out[-1]["content"] += "\n\n" + text
         else:
-            out.append({"role": role, "content": text})
+            out.append(entry)
     return out
 
 
-class FlashBackLLM(FlashBackSettings, CustomLLM):
+def _logprobs(tokenizer: Any, entries: Sequence[TokenLogprob] | None) -> list[list[LogProb]] | None:
+    """LlamaIndex's logprobs: per generated token, the token itself then its ``top_logprobs`` alternatives."""
+    if entries is None:
+        return None
+
+    def one(token_id: int, logprob: float) -> LogProb:
+        text = tokenizer.decode([token_id])
+        return LogProb(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+
+    return [[one(e.token_id, e.logprob), *(one(i, lp) for i, lp in e.top)] for e in entries]
+
+
+async def _in_thread(gen: Iterator[Any]) -> AsyncIterator[Any]:
+    """Drive a blocking generator in a worker thread; items reach the event loop as they come."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def pump() -> None:
+        try:
+            for item in gen:
+                loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+        else:
+            loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+
+    threading.Thread(target=pump, daemon=True, name="flashback-llamaindex-stream").start()
+    while True:
+        kind, value = await queue.get()
+        if kind == "item":
+            yield value
+        elif kind == "error":
+            raise value
+        else:
+            return
+
+
+class FlashBackLLM(FlashBackSettings, FunctionCallingLLM):
     """A local causal LM with FlashBack retrieval during generation, for LlamaIndex.
 
-    Without a ``retriever`` it is a plain local LLM (e.g. as the ``llm`` of a stock query engine).
-    ``metadata.context_window`` leaves room for the retrieval blocks, so synthesizers do not over-pack
-    the prompt.
+    Without a ``retriever`` it is a plain local LLM (e.g. as the ``llm`` of a stock query engine or a
+    ``FunctionAgent``). ``metadata.context_window`` leaves room for the retrieval blocks, so
+    synthesizers do not over-pack the prompt.
     """
 
     @classmethod
@@ -59,8 +132,13 @@ class FlashBackLLM(FlashBackSettings, CustomLLM):
         if self.retriever is not None and config.retrieves:
             marks = config.marks is not False and fb.mark_ids is not None
             window -= block_budget(config.num_passages, config.max_doc_tokens, marks)
+        chat = bool(getattr(fb.tokenizer, "chat_template", None))
         return LLMMetadata(
-            context_window=window, num_output=self.max_new_tokens, is_chat_model=True, model_name=self.model_label()
+            context_window=window,
+            num_output=self.max_new_tokens,
+            is_chat_model=chat,
+            is_function_calling_model=chat,
+            model_name=self.model_label(),
         )
 
     # ------------------------------------------------------------------ the one generation path
@@ -74,6 +152,7 @@ class FlashBackLLM(FlashBackSettings, CustomLLM):
         """Engine events for one call, with retrievals reported to LlamaIndex."""
         fb, _ = self.flashback_for_call(kwargs)
         stop = kwargs.pop("stop", None)
+        grammar = kwargs.pop("grammar", None)
         bridge = LlamaIndexBridge(
             span_id=active_span_id.get(),  # captured now: inside a stream generator the span is gone
             callback_manager=self.callback_manager,
@@ -81,7 +160,7 @@ class FlashBackLLM(FlashBackSettings, CustomLLM):
             collect=collect,
         )
         gen = self.generation_kwargs(stop, first_query=first_query, **kwargs)
-        return fb.stream(prompt, self.retriever, callbacks=[bridge], **gen)
+        return fb.stream(prompt, self.retriever, callbacks=[bridge], grammar=grammar, **gen)
 
     @staticmethod
     def _raw(result: GenerationResult) -> dict[str, Any]:
@@ -92,20 +171,61 @@ class FlashBackLLM(FlashBackSettings, CustomLLM):
             "retrievals": result.retrievals,
         }
 
-    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> tuple[list[int], str | None]:
+    def _chat_prompt(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> tuple[Any, str | None]:
+        """Prompt ids (through the chat template, with any ``tools``) or, for a base model, text; and the
+        first retrieval's query. ``tools``/``tool_required`` become a grammar when a call is required."""
+        tools = kwargs.pop("tools", None)
+        required = kwargs.pop("tool_required", False)
+        parallel = kwargs.pop("allow_parallel_tool_calls", False)
         dicts = chat_dicts(messages)
         if self.system_prompt and not any(d["role"] == "system" for d in dicts):
             dicts.insert(0, {"role": "system", "content": self.system_prompt})
         users = [d["content"] for d in dicts if d["role"] == "user"]
-        return self.flashback().chat_ids(dicts), (users[-1] if users else None)
+        question = users[-1] if users else None
+        if kwargs.get("schema_hint") is not None:
+            dicts = schema_hint(dicts, kwargs.pop("schema_hint"))
+        if not self.metadata.is_chat_model:
+            if tools:
+                raise ConfigError(f"{self.model_label()!r} has no chat template, so it cannot be given tools.")
+            return self.messages_to_prompt(messages), question
+        if tools:
+            tools = check_tools(tools)
+            kwargs["_tools"] = True
+            if required:
+                kwargs["grammar"] = call_grammar(tools, parallel=parallel)
+        return self.flashback().chat_ids(dicts, tools=tools or None), question
 
-    # ------------------------------------------------------------------ LlamaIndex API
+    def _chat_response(self, result: GenerationResult, with_tools: bool) -> ChatResponse:
+        blocks: list[Any] = []
+        text = result.text
+        extra: dict[str, Any] = {}
+        if with_tools:
+            parsed = parse_tool_calls(result.text, id_prefix=f"call_{uuid.uuid4().hex[:12]}")
+            text = parsed.content
+            blocks = [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments) for c in parsed.calls]
+            if parsed.invalid:
+                extra["invalid_tool_calls"] = [
+                    {"id": c.id, "name": c.name, "text": c.text, "error": c.error} for c in parsed.invalid
+                ]
+        message = ChatMessage(
+            role=MessageRole.ASSISTANT, blocks=[TextBlock(text=text), *blocks], additional_kwargs=extra
+        )
+        return ChatResponse(
+            message=message, raw=self._raw(result), logprobs=_logprobs(self.flashback().tokenizer, result.logprobs)
+        )
+
+    # ------------------------------------------------------------------ completion
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return self._complete(prompt, formatted, **kwargs)
+
+    def _complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         if not formatted:
             prompt = self.completion_to_prompt(prompt)
         result = final_result(self.run(prompt, **kwargs))
-        return CompletionResponse(text=result.text, raw=self._raw(result))
+        return CompletionResponse(
+            text=result.text, raw=self._raw(result), logprobs=_logprobs(self.flashback().tokenizer, result.logprobs)
+        )
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
@@ -115,31 +235,134 @@ class FlashBackLLM(FlashBackSettings, CustomLLM):
 
     def _completion_gen(self, events: Iterator[Event]) -> CompletionResponseGen:
         text = ""
+        tokenizer = self.flashback().tokenizer
         for event in events:
-            if isinstance(event, TokenEvent) and event.text:
+            if isinstance(event, TokenEvent) and (event.text or event.logprob is not None):
                 text += event.text
-                yield CompletionResponse(text=text, delta=event.text)
+                logprobs = _logprobs(tokenizer, [event.logprob]) if event.logprob is not None else None
+                yield CompletionResponse(text=text, delta=event.text, logprobs=logprobs)
             elif isinstance(event, FinishEvent):
                 yield CompletionResponse(text=text, delta="", raw=self._raw(event.result))
 
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return await asyncio.to_thread(self._complete, prompt, formatted, **kwargs)
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
+        if not formatted:
+            prompt = self.completion_to_prompt(prompt)
+        events = self.run(prompt, **kwargs)  # validated here, in the caller's task
+        return _in_thread(self._completion_gen(events))
+
+    # ------------------------------------------------------------------ chat
+    def _chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> tuple[Iterator[Event], bool]:
+        prompt, question = self._chat_prompt(messages, kwargs)
+        with_tools = bool(kwargs.pop("_tools", False))
+        return self.run(prompt, first_query=question, **kwargs), with_tools
+
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        ids, question = self._chat_prompt(messages)
-        result = final_result(self.run(ids, first_query=question, **kwargs))
-        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), raw=self._raw(result))
+        events, with_tools = self._chat(messages, kwargs)
+        return self._chat_response(final_result(events), with_tools)
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        ids, question = self._chat_prompt(messages)
-        return self._chat_gen(self.run(ids, first_query=question, **kwargs))
+        events, with_tools = self._chat(messages, kwargs)
+        return self._chat_gen(events, with_tools)
 
-    def _chat_gen(self, events: Iterator[Event]) -> ChatResponseGen:
+    def _chat_gen(self, events: Iterator[Event], with_tools: bool = False) -> ChatResponseGen:
+        """Text deltas as they come; with tools, the calls are parsed from the whole text at the end
+        (the last response carries them, as LlamaIndex's agents read the last one)."""
         text = ""
+        tokenizer = self.flashback().tokenizer
         for event in events:
-            if isinstance(event, TokenEvent) and event.text:
+            if isinstance(event, TokenEvent) and (event.text or event.logprob is not None):
                 text += event.text
-                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=event.text)
-            elif isinstance(event, FinishEvent):
+                logprobs = _logprobs(tokenizer, [event.logprob]) if event.logprob is not None else None
                 yield ChatResponse(
-                    message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta="", raw=self._raw(event.result)
+                    message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=event.text, logprobs=logprobs
                 )
+            elif isinstance(event, FinishEvent):
+                final = self._chat_response(event.result, with_tools)
+                final.delta, final.logprobs = "", None
+                yield final
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        events, with_tools = self._chat(messages, kwargs)
+        result = await asyncio.to_thread(final_result, events)
+        return self._chat_response(result, with_tools)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        events, with_tools = self._chat(messages, kwargs)
+        return _in_thread(self._chat_gen(events, with_tools))
+
+    # ------------------------------------------------------------------ tools
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[Any],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """LlamaIndex tools as OpenAI-format tools for the chat template; ``tool_required`` forces a
+        call with a grammar, so it always parses."""
+        specs = [t.metadata.to_openai_tool() for t in tools]
+        messages = list(chat_history or [])
+        if user_msg is not None:
+            messages.append(
+                ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str) else user_msg
+            )
+        return {
+            "messages": messages,
+            "tools": specs or None,
+            "tool_required": tool_required,
+            "allow_parallel_tool_calls": allow_parallel_tool_calls,
+            **kwargs,
+        }
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[Any]:
+        from llama_index.core.tools import ToolSelection
+
+        calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
+        if not calls and error_on_no_tool_call:
+            invalid = response.message.additional_kwargs.get("invalid_tool_calls")
+            detail = f"; unparseable: {invalid[0]['error']}" if invalid else ""
+            raise ValueError(f"Expected at least one tool call, got none{detail}.")
+        return [
+            ToolSelection(tool_id=c.tool_call_id or "", tool_name=c.tool_name, tool_kwargs=c.tool_kwargs) for c in calls
+        ]
+
+    # ------------------------------------------------------------------ structured output
+    def _structured(self, output_cls: type, prompt: Any, llm_kwargs: dict[str, Any] | None, prompt_args: dict) -> Any:
+        """Events for a JSON answer that validates against ``output_cls`` (grammar-constrained)."""
+        kwargs = dict(llm_kwargs or {})
+        kwargs["grammar"] = Grammar.json_schema(closed(output_cls.model_json_schema()))
+        if self.metadata.is_chat_model:
+            kwargs["schema_hint"] = output_cls.model_json_schema()
+            return self._chat(prompt.format_messages(**prompt_args), kwargs)[0]
+        text = (
+            prompt.format(**prompt_args)
+            + f"\nAnswer with JSON matching this schema: {output_cls.model_json_schema()}\n"
+        )
+        return self.run(text, **kwargs)
+
+    def structured_predict(
+        self, output_cls: type, prompt: Any, llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any
+    ) -> Any:
+        result = final_result(self._structured(output_cls, prompt, llm_kwargs, prompt_args))
+        return output_cls.model_validate_json(result.text)
+
+    async def astructured_predict(
+        self, output_cls: type, prompt: Any, llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any
+    ) -> Any:
+        events = self._structured(output_cls, prompt, llm_kwargs, prompt_args)
+        result = await asyncio.to_thread(final_result, events)
+        return output_cls.model_validate_json(result.text)

@@ -1,0 +1,109 @@
+"""LangChain messages in and out: chat-template dicts (with tool calls and tool results), tool calls
+parsed from the output into ``AIMessage.tool_calls``/``tool_call_chunks``, and the response format
+(JSON schema / JSON mode) turned into the engine's grammar."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from langchain_core.messages import BaseMessage
+from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
+from langchain_core.utils.function_calling import convert_to_json_schema
+
+from ..constrained import Grammar, closed
+from ..errors import ConfigError
+from ..tools import InvalidToolCall, ParsedOutput, ToolCall
+
+_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "tool"}
+
+
+def _text(message: BaseMessage) -> str:
+    content = message.content
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content:
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, dict) and block.get("type") == "text":
+            parts.append(str(block.get("text", "")))
+        elif isinstance(block, dict) and block.get("type") in ("tool_use", "tool_call"):
+            continue  # the same call is in message.tool_calls
+        else:
+            kind = block.get("type") if isinstance(block, dict) else type(block).__name__
+            raise ConfigError(f"ChatFlashBack reads text only; got a {kind!r} content block.")
+    return "".join(parts)
+
+
+def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """LangChain messages -> chat-template dicts. Adjacent plain messages of one role are merged;
+    an AI message's tool calls and each tool result stay their own message, as templates expect."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        role = _ROLES.get(message.type, message.type)
+        entry: dict[str, Any] = {"role": role, "content": _text(message)}
+        calls = getattr(message, "tool_calls", None) or []
+        if calls:
+            entry["tool_calls"] = [
+                {"type": "function", "id": c.get("id"), "function": {"name": c["name"], "arguments": c["args"]}}
+                for c in calls
+            ]
+        if role == "tool":
+            entry["tool_call_id"] = getattr(message, "tool_call_id", None)
+            if getattr(message, "name", None):
+                entry["name"] = message.name
+        plain = len(entry) == 2 and role != "tool"
+        if plain and out and out[-1]["role"] == role and len(out[-1]) == 2:
+            out[-1]["content"] += "\n\n" + entry["content"]
+        else:
+            out.append(entry)
+    return out
+
+
+def lc_tool_calls(parsed: ParsedOutput) -> dict[str, list[Any]]:
+    return {
+        "tool_calls": [tool_call(name=c.name, args=c.arguments, id=c.id) for c in parsed.calls],
+        "invalid_tool_calls": [
+            invalid_tool_call(name=c.name, args=c.text, id=c.id, error=c.error) for c in parsed.invalid
+        ],
+    }
+
+
+def lc_tool_call_chunk(call: ToolCall | InvalidToolCall, index: int) -> Any:
+    """A streamed call, whole. An invalid one carries its raw text as a JSON string: LangChain's chunk
+    aggregation parses partial JSON objects into calls, and a string is what it reports in
+    ``invalid_tool_calls`` instead (the error itself is in the last chunk's ``tool_call_errors``)."""
+    args = json.dumps(call.arguments) if isinstance(call, ToolCall) else json.dumps(call.text)
+    return tool_call_chunk(name=call.name, args=args, id=call.id, index=index)
+
+
+def response_grammar(response_format: Any) -> Grammar:
+    """OpenAI's ``response_format`` (``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema":
+    {"schema": ...}}``), or a pydantic class / TypedDict / JSON schema dict -> a grammar."""
+    if isinstance(response_format, dict) and response_format.get("type") == "json_object":
+        return Grammar.json_object()
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ConfigError("response_format json_schema needs {'json_schema': {'schema': {...}}}.")
+        return Grammar.json_schema(schema)
+    try:
+        return Grammar.json_schema(json_schema_of(response_format))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"response_format must be {{'type': 'json_object'}}, {{'type': 'json_schema', ...}}, a pydantic "
+            f"model, a TypedDict or a JSON schema dict; got {response_format!r:.120} ({exc})."
+        ) from exc
+
+
+def json_schema_of(schema: Any) -> dict[str, Any]:
+    """The JSON schema of a pydantic class, TypedDict, function or JSON schema dict, its objects closed
+    to extra keys as OpenAI's strict mode does (:func:`~..constrained.closed`)."""
+    if isinstance(schema, dict) and "function" not in schema and ("properties" in schema or "type" in schema):
+        return closed(schema)
+    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
+        return closed(schema.model_json_schema())
+    return closed(convert_to_json_schema(schema))
