@@ -99,6 +99,13 @@ def response_grammar(response_format: Any) -> Grammar:
         ) from exc
 
 
+def states_schema(response_format: Any) -> bool:
+    """Whether the schema is also told to the model in the prompt (not for ``json_mode``, whose
+    prompt describes the fields itself)."""
+    spec = response_format.get("json_schema") if isinstance(response_format, dict) else None
+    return not (isinstance(spec, dict) and spec.get("hint") is False)
+
+
 def json_schema_of(schema: Any) -> dict[str, Any]:
     """The JSON schema of a pydantic class, TypedDict, function or JSON schema dict, its objects closed
     to extra keys as OpenAI's strict mode does (:func:`~..constrained.closed`)."""

@@ -20,7 +20,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.outputs.chat_generation import merge_chat_generation_chunks
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough, ensure_config
 from langchain_core.tools import BaseTool
-from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from langchain_core.utils.utils import LC_ID_PREFIX
 from pydantic import BaseModel
@@ -30,7 +30,13 @@ from ..errors import ConfigError
 from ..events import FinishEvent, GenerationResult, TokenEvent, final_result, logprobs_payload
 from ..tools import CallStream, ToolCall, call_grammar, check_tools, chosen_tools, parse_tool_calls
 from ._common import EventBridge, FlashBackSettings, RunRetriever, retrieval_payload
-from ._messages import json_schema_of, lc_tool_call_chunk, lc_tool_calls, response_grammar, to_chat_messages
+from ._messages import (
+    json_schema_of,
+    lc_tool_call_chunk,
+    lc_tool_calls,
+    response_grammar,
+    to_chat_messages,
+)
 
 
 def _usage(result: GenerationResult) -> UsageMetadata:
@@ -48,6 +54,11 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
     tokens, as METHOD.md specifies. Calls are independent (each has its own KV cache), so ``batch``
     and threads run in parallel with the same outputs as sequential calls.
     """
+
+    default_tool_choice: Literal["auto", "any", "first"] = "auto"
+    """``tool_choice`` when ``bind_tools`` was given none. ``"first"`` suits small models not trained
+    to decide when to call (the default SmolLM2-135M never calls on its own): a call is required
+    until a tool result follows the last user message, then the model answers from it."""
 
     @property
     def _llm_type(self) -> str:
@@ -78,6 +89,8 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
         kwargs.pop("ls_structured_output_format", None)  # tracing metadata only (our own stream())
         if tools is not None:
             tools = check_tools(tools)
+            if tool_choice is None:
+                tool_choice = self._default_choice(messages)
             if tool_choice == "none":
                 tools = None  # answer in text: the tools are not shown and nothing is parsed
         grammar = None
@@ -87,13 +100,26 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
             grammar = response_grammar(response_format)
         chat = to_chat_messages(messages)
         users = [m["content"] for m in chat if m["role"] == "user"]
-        if grammar is not None and grammar.kind == "json_schema" and not tools:
+        hint = (
+            (response_format or {}).get("json_schema", {}).get("hint", True)
+            if isinstance(response_format, dict)
+            else True
+        )
+        if grammar is not None and grammar.kind == "json_schema" and not tools and hint:
             chat = schema_hint(chat, json.loads(grammar.source))
         prompt_ids = fb.chat_ids(chat, tools=tools)
         retriever = RunRetriever(self.retriever, run_manager) if self.retriever is not None else None
         options = self.generation_kwargs(stop, first_query=users[-1] if users else None, **kwargs)
         events = fb.stream(prompt_ids, retriever, callbacks=[EventBridge(run_manager)], grammar=grammar, **options)
         return events, name, fb, bool(tools)
+
+    def _default_choice(self, messages: list[BaseMessage]) -> str:
+        """``default_tool_choice`` for a call that names none; ``"first"``: a call is required until
+        a tool result follows the last user message, then the model answers freely."""
+        if self.default_tool_choice != "first":
+            return self.default_tool_choice
+        last_user = max((i for i, m in enumerate(messages) if m.type == "human"), default=-1)
+        return "auto" if any(m.type == "tool" for m in messages[last_user + 1 :]) else "any"
 
     def _metadata(self, result: GenerationResult, name: str, fb: Any) -> dict[str, Any]:
         metadata = {
@@ -214,7 +240,12 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
         if kwargs:
             raise ConfigError(f"with_structured_output got unknown arguments {sorted(kwargs)}.")
         is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
-        tracing = {"kwargs": {"method": method}, "schema": schema}
+        # converted here, as BaseChatModel does it, so our own stream() reports the same options
+        try:
+            traced = convert_to_json_schema(schema)
+        except ValueError:  # a schema dict without a title: LangChain traces it as given
+            traced = schema
+        tracing = {"kwargs": {"method": method}, "schema": traced}
         if method == "function_calling":
             name = convert_to_openai_tool(schema)["function"]["name"]
             llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=tracing)
@@ -224,12 +255,13 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
                 else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
             )
         elif method in ("json_schema", "json_mode"):
-            if method == "json_schema":
-                grammar_schema = json_schema_of(schema)
-                response_format = {"type": "json_schema", "json_schema": {"schema": grammar_schema}}
-                response_grammar(response_format)  # a schema the grammar library rejects fails here
-            else:
-                response_format = {"type": "json_object"}
+            # json_mode: the prompt describes the fields (no schema added to it), but the grammar still
+            # holds the output to the schema, so it validates; with a dict schema, any JSON object
+            grammar_schema = json_schema_of(schema)
+            response_format = {"type": "json_schema", "json_schema": {"schema": grammar_schema}}
+            if method == "json_mode":
+                response_format["json_schema"]["hint"] = False
+            response_grammar(response_format)  # a schema the grammar library rejects fails here
             llm = self.bind(response_format=response_format, ls_structured_output_format=tracing)
             parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()  # type: ignore[arg-type]
         else:

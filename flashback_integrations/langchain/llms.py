@@ -9,17 +9,20 @@ from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.llms import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
-from ..events import FinishEvent, GenerationResult, TokenEvent, final_result
+from ..events import FinishEvent, GenerationResult, TokenEvent, final_result, logprobs_payload
 from ._common import EventBridge, FlashBackSettings, RunRetriever, retrieval_payload
 
 
-def _generation_info(result: GenerationResult) -> dict[str, Any]:
-    return {
+def _generation_info(result: GenerationResult, tokenizer: Any) -> dict[str, Any]:
+    info = {
         "finish_reason": result.finish_reason,
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
         "retrievals": [retrieval_payload(r) for r in result.retrievals],
     }
+    if result.logprobs is not None:  # with logprobs=True: OpenAI's format, as ChatFlashBack reports it
+        info["logprobs"] = logprobs_payload(tokenizer, result.logprobs)
+    return info
 
 
 class FlashBackLLM(FlashBackSettings, BaseLLM):
@@ -40,9 +43,10 @@ class FlashBackLLM(FlashBackSettings, BaseLLM):
     def _run(self, prompt: str, stop: list[str] | None, run_manager: CallbackManagerForLLMRun | None, **kwargs: Any):
         fb, _ = self.flashback_for_call(kwargs)
         retriever = RunRetriever(self.retriever, run_manager) if self.retriever is not None else None
-        return fb.stream(
+        events = fb.stream(
             prompt, retriever, callbacks=[EventBridge(run_manager)], **self.generation_kwargs(stop, **kwargs)
         )
+        return events, fb.tokenizer
 
     def _generate(
         self,
@@ -54,10 +58,11 @@ class FlashBackLLM(FlashBackSettings, BaseLLM):
         generations: list[list[Generation]] = []
         prompt_tokens = completion_tokens = 0
         for prompt in prompts:
-            result = final_result(self._run(prompt, stop, run_manager, **kwargs))
+            events, tokenizer = self._run(prompt, stop, run_manager, **kwargs)
+            result = final_result(events)
             prompt_tokens += result.prompt_tokens
             completion_tokens += result.completion_tokens
-            generations.append([Generation(text=result.text, generation_info=_generation_info(result))])
+            generations.append([Generation(text=result.text, generation_info=_generation_info(result, tokenizer))])
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -72,11 +77,12 @@ class FlashBackLLM(FlashBackSettings, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
-        for event in self._run(prompt, stop, run_manager, **kwargs):
+        events, tokenizer = self._run(prompt, stop, run_manager, **kwargs)
+        for event in events:
             if isinstance(event, TokenEvent) and event.text:
                 chunk = GenerationChunk(text=event.text)
                 if run_manager is not None:
                     run_manager.on_llm_new_token(event.text, chunk=chunk)
                 yield chunk
             elif isinstance(event, FinishEvent):
-                yield GenerationChunk(text="", generation_info=_generation_info(event.result))
+                yield GenerationChunk(text="", generation_info=_generation_info(event.result, tokenizer))

@@ -281,3 +281,24 @@ def test_unparseable_call_with_auto_is_reported_not_dropped(chat, monkeypatch) -
     for chunk in chat.bind_tools([get_weather]).stream("Weather?"):
         merged = chunk if merged is None else merged + chunk
     assert merged.tool_calls == [] and len(merged.invalid_tool_calls) == 1
+
+
+def test_default_tool_choice_first_calls_then_answers(tools_dir) -> None:
+    chat = ChatFlashBack(model=tools_dir, mode="none", max_tokens=160, default_tool_choice="first")
+    bound = chat.bind_tools([get_weather])
+    first = bound.invoke([HumanMessage("Weather in Paris?")])
+    assert [c["name"] for c in first.tool_calls] == ["get_weather"]
+    result = ToolMessage(get_weather.invoke(first.tool_calls[0]["args"]), tool_call_id=first.tool_calls[0]["id"])
+    answer = bound.invoke([HumanMessage("Weather in Paris?"), first, result], max_tokens=8)
+    assert answer.response_metadata["finish_reason"] != "tool_calls"
+    assert ChatFlashBack(model=tools_dir, mode="none").default_tool_choice == "auto"
+
+
+def test_text_llm_reports_logprobs_too(tools_dir) -> None:
+    from flashback_integrations.langchain import FlashBackLLM as LangChainLLM
+
+    llm = LangChainLLM(model=tools_dir, mode="none", max_tokens=4)
+    result = llm.generate(["The json module"], logprobs=True, top_logprobs=1)
+    info = result.generations[0][0].generation_info
+    assert len(info["logprobs"]["content"]) == info["completion_tokens"]
+    assert "logprobs" not in llm.generate(["The json module"]).generations[0][0].generation_info
