@@ -116,7 +116,9 @@ def generate(
         str | None,
         typer.Option(help="append | prepend | isolated | none (default: the adapter's layout; 'default': isolated)"),
     ] = None,
-    tail_tokens: Annotated[int, typer.Option(help="isolated: history tokens that read the passages.")] = 1,
+    tail_tokens: Annotated[
+        int | None, typer.Option(help="isolated: history tokens that read the passages (default: the adapter's).")
+    ] = None,
     passage_sink: Annotated[
         bool, typer.Option("--passage-sink/--no-passage-sink", help="isolated: passages also see the first token.")
     ] = False,
@@ -1163,6 +1165,9 @@ def eval_ppl(
         str | None, typer.Option(help="isolated + LoRA + MT adapter (flashback train --layout isolated).")
     ] = None,
     row: Annotated[list[str] | None, typer.Option("--row", help="Score only these rows (repeatable).")] = None,
+    tail_tokens: Annotated[
+        int, typer.Option(help="isolated rows: history tokens that read the passages (rows named '(tail N)').")
+    ] = 1,
     device: Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda when available).")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward.")] = 32,
     context_budget: ContextBudget = 512,
@@ -1180,7 +1185,7 @@ def eval_ppl(
 ) -> None:
     """Perplexity of no retrieval / prepend / append / isolated rows (with and without adapters) on the same targets."""
     from .data import load_examples, save_examples
-    from .evaluation import markdown_table, paper_rows, run_eval
+    from .evaluation import markdown_table, paper_rows, run_eval, with_tail
     from .model import shipped_adapter
 
     try:
@@ -1223,6 +1228,7 @@ def eval_ppl(
                 raise ConfigError(f"Unknown row(s) {sorted(unknown)}; rows are {[r.name for r in rows] + skipped}.")
             rows = [r for r in rows if r.name in row]
             skipped = [name for name in skipped if name in row]
+        rows = with_tail(rows, tail_tokens)
         for name in skipped:
             err_console.print(f"[yellow]row {name!r} skipped: no adapter given for it[/]")
         result = run_eval(ex, rows, out, stem, model, device, batch_size, meta={"data": info, "skipped_rows": skipped})

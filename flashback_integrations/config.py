@@ -36,7 +36,8 @@ class FlashBackConfig:
     on_retrieval_error: ``raise`` stops generation; ``skip`` generates that stride without a block.
     retrieval_timeout: seconds a retrieval may take before it counts as failed (``None``: no limit).
     tail_tokens: ``isolated`` only: history tokens (``t``) that attend to the passages; each retrieval
-    re-feeds ``stride + tail_tokens`` tokens. 1 is the cheapest and within 1% of 32 in PPL.
+    re-feeds ``stride + tail_tokens`` tokens. ``None``: the loaded adapter's setting, else 1 (the
+    cheapest). Longer tails read the passage better (validation loss in README).
     passage_sink: ``isolated`` only: passages also attend to the text's first token (measured 1% better;
     off by default so the layout is exactly METHOD.md's table).
     block_offset: ``append`` only: place the block ``k`` tokens back, ``P + G[:j-k] + block + G[j-k:]``,
@@ -52,7 +53,8 @@ class FlashBackConfig:
     marks: bool | None = None
     on_retrieval_error: Literal["raise", "skip"] = "raise"
     retrieval_timeout: float | None = None
-    tail_tokens: int = 1
+    tail_tokens: int | None = None
+    """None: the setting the model's adapter was trained with, else 1."""
     passage_sink: bool = False
     block_offset: int = 0
 
@@ -66,7 +68,8 @@ class FlashBackConfig:
             raise ConfigError(f"on_retrieval_error={self.on_retrieval_error!r} is not one of {ON_ERROR}.")
         if self.retrieval_timeout is not None and not self.retrieval_timeout > 0:
             raise ConfigError(f"retrieval_timeout must be > 0 seconds or None, got {self.retrieval_timeout!r}.")
-        require_positive_ints(self, ("tail_tokens",))
+        if self.tail_tokens is not None:
+            require_positive_ints(self, ("tail_tokens",))
         if self.passage_sink not in (True, False):
             raise ConfigError(f"passage_sink must be True or False, got {self.passage_sink!r}.")
         if self.passage_sink and self.mode in ("append", "prepend"):

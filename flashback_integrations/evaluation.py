@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ class PplRow:
     marks: bool = False
     adapter_layout: str | None = None
     """The layout the adapter was trained for, when the row scores it in another one on purpose."""
+    tail_tokens: int = 1
+    """isolated rows: history tokens that read the passages (METHOD.md's t)."""
 
     def __post_init__(self) -> None:
         if self.layout not in ("none", "append", "prepend", "isolated"):
@@ -72,6 +74,27 @@ def paper_rows(
     kept = [r for r in rows if r.name not in needs or r.adapter]
     skipped = [r.name for r in rows if r.name in needs and not r.adapter]
     return kept, skipped
+
+
+def row_key(row: PplRow) -> str:
+    """A row's identity in a partial run: everything that changes its scores (``tail_tokens`` only when
+    it is not 1, so runs saved before it existed still resume)."""
+    fields = asdict(row)
+    if fields["tail_tokens"] == 1:
+        del fields["tail_tokens"]
+    return json.dumps(fields, sort_keys=True)
+
+
+def with_tail(rows: Sequence[PplRow], tail_tokens: int) -> list[PplRow]:
+    """The isolated rows read by ``tail_tokens`` history tokens (named so, when not 1)."""
+    if isinstance(tail_tokens, bool) or not isinstance(tail_tokens, int) or tail_tokens < 1:
+        raise ConfigError(f"tail_tokens must be a positive integer, got {tail_tokens!r}.")
+    if tail_tokens == 1:
+        return list(rows)
+    return [
+        replace(r, name=f"{r.name} (tail {tail_tokens})", tail_tokens=tail_tokens) if r.layout == "isolated" else r
+        for r in rows
+    ]
 
 
 def check_row_adapters(rows: Sequence[PplRow]) -> None:
@@ -137,7 +160,7 @@ def score_row(
     with torch.no_grad():
         for i in range(len(sums), len(examples), batch_size):
             batch = examples[i : i + batch_size]
-            nll = target_nll(fb.model, batch, row.layout, marks, pad, excluded)
+            nll = target_nll(fb.model, batch, row.layout, marks, pad, excluded, tail_tokens=row.tail_tokens)
             sums.extend(nll.sum(-1).double().cpu().tolist())
             if progress is not None:
                 progress(len(batch))
@@ -219,7 +242,7 @@ def run_eval(
 
         bar = tqdm(total=len(rows) * len(examples), desc="scoring", unit="ex")
     for row in rows:
-        key = json.dumps(asdict(row), sort_keys=True)
+        key = row_key(row)
         if key in done:
             if bar is not None:
                 bar.update(len(examples))
@@ -242,7 +265,7 @@ def run_eval(
         save({})
     if bar is not None:
         bar.close()
-    arrays = {row.name: np.asarray(done[json.dumps(asdict(row), sort_keys=True)]) for row in rows}
+    arrays = {row.name: np.asarray(done[row_key(row)]) for row in rows}
     reference = next((r.name for r in rows if r.name.endswith("(FlashBack)")), None)
     stats = bootstrap(arrays, n_tgt, reference=reference)
     result = {

@@ -36,7 +36,8 @@ class FlashBackSettings(BaseModel):
     marks: bool | None = None
     on_retrieval_error: str = "raise"
     retrieval_timeout: float | None = None
-    tail_tokens: int = 1
+    tail_tokens: int | None = None
+    """isolated: history tokens that read the passages; None: what the model's adapter was trained with."""
     passage_sink: bool = False
     block_offset: int = 0
     temperature: float = 0.0

@@ -153,8 +153,11 @@ class FlashBackModel:
             saved = FlashBackConfig.from_dict(manifest.flashback_config)
             if config is None:
                 config = saved
-            elif config.mode is None:  # the adapter's layout unless the caller chose one
-                config = config.replace(mode=saved.mode)
+            else:  # the adapter's layout and tail unless the caller chose them
+                if config.mode is None:
+                    config = config.replace(mode=saved.mode)
+                if config.tail_tokens is None:
+                    config = config.replace(tail_tokens=saved.tail_tokens)
         return cls(
             model,
             tokenizer,
@@ -302,6 +305,8 @@ class FlashBackModel:
             config = config.replace(**overrides)
         if config.mode is None:
             config = config.replace(mode=self.config.mode or "append")
+        if config.tail_tokens is None:
+            config = config.replace(tail_tokens=self.config.tail_tokens or 1)
         return config
 
     def _marks_for(self, config: FlashBackConfig) -> MarkIds | None:

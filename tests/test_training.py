@@ -584,3 +584,17 @@ def test_training_in_the_isolated_layout_learns_and_records_it(base_dir, example
     assert losses and all(math.isfinite(v) for v in losses)
     manifest = json.loads((out / "flashback_adapter.json").read_text())
     assert manifest["flashback_config"]["mode"] == "isolated"
+
+
+def test_eval_isolated_rows_read_with_the_given_tail(base_dir, examples, tmp_path) -> None:
+    from flashback_integrations.evaluation import with_tail
+
+    rows = with_tail([PplRow("no retrieval", "none"), PplRow("isolated (untrained)", "isolated")], 4)
+    assert [r.name for r in rows] == ["no retrieval", "isolated (untrained) (tail 4)"]
+    ex = examples[:6]
+    result = run_eval(ex, rows, tmp_path / "out", "ppl", str(base_dir), "cpu", batch_size=3, progress=False)
+    base, tok = _load_base(base_dir)
+    nll = target_nll(base, ex, "isolated", None, tok.pad_token_id, tail_tokens=4)
+    assert result["rows"][1]["ppl"] == pytest.approx(float(torch.exp(nll.detach().mean())), rel=1e-4)
+    with pytest.raises(ConfigError, match="tail_tokens"):
+        with_tail(rows, 0)
