@@ -710,6 +710,7 @@ def bench_forward(
     doc_tokens: Annotated[int, typer.Option(help="Tokens of each passage.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Rows per forward.")] = 1,
     repeats: Annotated[int, typer.Option(help="Timed forwards per point (median reported).")] = 5,
+    tail_tokens: Annotated[int, typer.Option(help="isolated: history tokens that read the passages.")] = 1,
     dtype: BenchDtype = "float32",
     device: BenchDevice = "cpu",
     prompt_tokens: Annotated[
@@ -747,7 +748,9 @@ def bench_forward(
         for total in points:  # fail before loading a model, not after timing it
             plan_lengths(total, doc_tokens, prompt_tokens, gen_tokens)
         fb = load_model(model, dtype, device)
-        results = forward_costs(fb, points, stride, doc_tokens, batch_size, repeats)
+        if tail_tokens < 1:
+            raise ValueError(f"--tail-tokens must be at least 1, got {tail_tokens}")
+        results = forward_costs(fb, points, stride, doc_tokens, batch_size, repeats, tail_tokens=tail_tokens)
     except ValueError as exc:
         raise _fail(exc) from exc
     predicted = predict_runs(results, points, prompt_tokens, gen_tokens) if len(points) > 1 else []
@@ -755,6 +758,7 @@ def bench_forward(
     command = (
         f"flashback bench forward --model {model} --lengths {lengths} --stride {stride} --doc-tokens {doc_tokens} "
         f"--batch-size {batch_size} --repeats {repeats} --dtype {dtype} --device {device}"
+        + (f" --tail-tokens {tail_tokens}" if tail_tokens != 1 else "")
         + (f" --prompt-tokens {prompt_tokens}" if prompt_tokens is not None else "")
         + (f" --gen-tokens {gen_tokens}" if gen_tokens is not None else "")
     )

@@ -170,3 +170,27 @@ def test_speed_benchmark_resumes_the_cases_a_stopped_run_finished(tmp_path) -> N
     runs = json.loads((out / "r.json").read_text())["runs"]
     assert runs[0]["median_s"] == 123.0 and "kept from r.partial.json" in result.output
     assert runs[1]["median_s"] != 999.0 and not (out / "r.partial.json").exists()
+
+
+def test_forward_costs_with_a_longer_tail_feed_stride_plus_tail(tmp_path, monkeypatch) -> None:
+    from flashback_integrations.engine import KVContext
+    from flashback_integrations.layout import Span
+
+    isolated: list[int] = []
+    original = KVContext.next_logits_rows
+
+    def spy(self, ctxs):
+        logits, keep, n = original(self, ctxs)
+        if isinstance(ctxs[0][0], Span):
+            isolated.append(n)
+        return logits, keep, n
+
+    monkeypatch.setattr(KVContext, "next_logits_rows", spy)
+    model = save_tiny_chat_model(tmp_path / "tiny", marks=True)
+    args = ["bench", "forward", "--model", model, "--lengths", "40", "--stride", "4", "--doc-tokens", "8",
+            "--repeats", "1", "--tail-tokens", "3", "--out", str(tmp_path / "out"), "--stem", "t"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert all(n == 4 + 3 for n in isolated[1::2])  # each timed retrieval: the stride's ids and the tail
+    (run,) = json.loads((tmp_path / "out" / "t.json").read_text())["runs"]
+    assert run["tail_tokens"] == 3

@@ -388,6 +388,7 @@ def forward_costs(
     batch_size: int = 1,
     repeats: int = 5,
     seed: int = 0,
+    tail_tokens: int = 1,
 ) -> list[dict[str, Any]]:
     """Time the three forwards a retrieval cycle is made of, at context length T, through ``KVContext``.
 
@@ -433,7 +434,7 @@ def forward_costs(
             "isolated_cold": [],
         }
         for name, ms_list in isolated_costs(
-            fb, total, stride, doc_tokens, batch_size, repeats + (i == 0), seed
+            fb, total, stride, doc_tokens, batch_size, repeats + (i == 0), seed, tail_tokens
         ).items():
             samples[name] = ms_list[1:] if i == 0 else ms_list
         for rep in range(repeats + (1 if i == 0 else 0)):  # one warm-up round before the first length
@@ -457,6 +458,7 @@ def forward_costs(
                 "stride": stride,
                 "doc_tokens": doc_tokens,
                 "repeats": repeats,
+                "tail_tokens": tail_tokens,
                 **{f"{name}_ms": round(v, 2) for name, v in ms.items()},
                 "refeed_over_decode": round(x, 2),
                 "recompute_over_decode": round(y, 2),
