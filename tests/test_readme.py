@@ -29,5 +29,6 @@ def test_readme_has_the_quickstarts() -> None:
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs(index: int, flashback_home, capsys) -> None:
-    exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": f"readme_{index}"})
+    # dont_inherit: as pasted, without this test module's `from __future__ import annotations`
+    exec(compile(BLOCKS[index], f"README.md block {index}", "exec", dont_inherit=True), {"__name__": f"readme_{index}"})
     assert capsys.readouterr().out.strip()
