@@ -78,7 +78,7 @@ class TestChatFlashBackDefaultModel(Capabilities, ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict:
         # SmolLM2-135M was not trained to decide when to call a tool: "first" makes the first turn a call
-        return {"model": "default", "retriever": HashRetriever(), "max_tokens": 96, "default_tool_choice": "first"}
+        return {"model": "default", "retriever": HashRetriever(), "max_tokens": 64, "default_tool_choice": "first"}
 
     @property
     def supports_model_override(self) -> bool:
