@@ -168,7 +168,8 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
                 if isinstance(piece, str):
                     message = AIMessageChunk(content=piece)
                 else:
-                    message = AIMessageChunk(content="", tool_call_chunks=[lc_tool_call_chunk(piece, made_calls)])
+                    index = made_calls + len(errors)  # one index per block: LangChain merges equal indices
+                    message = AIMessageChunk(content="", tool_call_chunks=[lc_tool_call_chunk(piece, index)])
                     if isinstance(piece, ToolCall):
                         made_calls += 1
                     else:

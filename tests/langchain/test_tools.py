@@ -259,7 +259,8 @@ def test_logprobs_out_of_range(chat, kwargs, message) -> None:
 
 
 def test_unparseable_call_with_auto_is_reported_not_dropped(chat, monkeypatch) -> None:
-    text = 'Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": \n</tool_call>'
+    bad = '<tool_call>\n{"name": "get_weather", "arguments": {"city": \n</tool_call>'
+    text = "Let me check. " + bad
     fb: FlashBackModel = chat.flashback()
     real = fb.stream
 
@@ -302,3 +303,26 @@ def test_text_llm_reports_logprobs_too(tools_dir) -> None:
     info = result.generations[0][0].generation_info
     assert len(info["logprobs"]["content"]) == info["completion_tokens"]
     assert "logprobs" not in llm.generate(["The json module"]).generations[0][0].generation_info
+
+
+def test_two_unparseable_streamed_calls_stay_two(chat, monkeypatch) -> None:
+    bad = '<tool_call>\n{"name": "get_weather", "arguments": {"city": \n</tool_call>'
+    fb: FlashBackModel = chat.flashback()
+    real = fb.stream
+
+    def fake_stream(*args, **kwargs):
+        from flashback_integrations.events import FinishEvent, TokenEvent
+
+        kwargs["max_new_tokens"] = 1
+        result = list(real(*args, **kwargs))[-1].result
+        result.text = bad + bad
+        return iter(
+            [TokenEvent(step=0, token_id=0, text=bad), TokenEvent(step=1, token_id=0, text=bad), FinishEvent(result)]
+        )
+
+    monkeypatch.setattr(fb, "stream", fake_stream)
+    merged = None
+    for chunk in chat.bind_tools([get_weather]).stream("Weather?"):
+        merged = chunk if merged is None else merged + chunk
+    assert merged.tool_calls == [] and len(merged.invalid_tool_calls) == 2
+    assert len(merged.response_metadata["tool_call_errors"]) == 2
