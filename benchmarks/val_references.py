@@ -24,6 +24,24 @@ ROWS = [
 ]
 
 
+def val_loss(fb: FlashBackModel, examples: list, layout: str, marks: bool, tail_tokens: int = 1) -> float:
+    """Mean target-token NLL (nats) of ``examples`` under one layout, 16 examples per forward."""
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(examples), 16):
+            nll = target_nll(
+                fb.model,
+                examples[i : i + 16],
+                layout,
+                fb.mark_ids if marks else None,
+                pad_id_of(fb.tokenizer),
+                mark_id_list(fb.tokenizer, fb.model),
+                tail_tokens=tail_tokens,
+            )
+            total += float(nll.sum())
+    return total / (len(examples) * len(examples[0].tgt))
+
+
 def main(val_file: str, out: str) -> None:
     torch.set_num_threads(1)
     examples = load_examples(val_file)[0]
@@ -31,19 +49,7 @@ def main(val_file: str, out: str) -> None:
     for name, layout, adapter, marks in ROWS:
         started = time.time()
         fb = FlashBackModel.from_pretrained("default", adapter=adapter)
-        total = 0.0
-        with torch.no_grad():
-            for i in range(0, len(examples), 16):
-                nll = target_nll(
-                    fb.model,
-                    examples[i : i + 16],
-                    layout,
-                    fb.mark_ids if marks else None,
-                    pad_id_of(fb.tokenizer),
-                    mark_id_list(fb.tokenizer, fb.model),
-                )
-                total += float(nll.sum())
-        result[name] = total / (len(examples) * len(examples[0].tgt))
+        result[name] = val_loss(fb, examples, layout, marks)
         print(name, round(result[name], 4), f"{time.time() - started:.0f}s", flush=True)
     with open(out, "w") as fh:
         json.dump({"val_file": val_file, "examples": len(examples), "val_loss": result}, fh, indent=1)

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import torch
+from val_references import val_loss  # this folder is on sys.path when run as a script
 
 from flashback_integrations.data import load_examples
 from flashback_integrations.model import FlashBackModel
-from flashback_integrations.training import mark_id_list, pad_id_of, target_nll
 
 
 def main(val_file: str, out: str, adapter: str, layout: str, tails: str) -> None:
@@ -25,24 +25,12 @@ def main(val_file: str, out: str, adapter: str, layout: str, tails: str) -> None
     path = Path(out)
     result = json.loads(path.read_text()) if path.exists() else {"val_file": val_file, "val_loss": {}}
     fb = FlashBackModel.from_pretrained("default", adapter=adapter, merge_adapter=False)
-    marks = fb.mark_ids if adapter != "none" else None
+    marks = adapter != "none"
     for tail in (int(t) for t in tails.split(",")):
         started = time.time()
-        total = 0.0
-        with torch.no_grad():
-            for i in range(0, len(examples), 16):
-                nll = target_nll(
-                    fb.model,
-                    examples[i : i + 16],
-                    layout,
-                    marks,
-                    pad_id_of(fb.tokenizer),
-                    mark_id_list(fb.tokenizer, fb.model),
-                    tail_tokens=tail,
-                )
-                total += float(nll.sum())
+        loss = val_loss(fb, examples, layout, marks, tail)
         key = f"{adapter} | {layout} | tail {tail}"
-        result["val_loss"][key] = total / (len(examples) * len(examples[0].tgt))
+        result["val_loss"][key] = loss
         result["examples"] = len(examples)
         print(key, round(result["val_loss"][key], 4), f"{time.time() - started:.0f}s", flush=True)
         path.write_text(json.dumps(result, indent=1))

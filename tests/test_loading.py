@@ -60,7 +60,6 @@ def test_attn_implementation_reaches_the_model_and_generates_the_same(tiny_dir) 
     assert _greedy(eager) == _greedy(sdpa)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="accelerate not installed")
 def test_device_map_loads_through_accelerate(tiny_dir) -> None:
     fb = FlashBackModel.from_pretrained(str(tiny_dir), device_map="auto")  # no GPU here: all on the CPU
     assert {p.device.type for p in fb.model.parameters()} == {"cpu"}
