@@ -11,7 +11,7 @@ import time
 
 from transformers import DynamicCache
 
-import flashback_integrations.kvcache as kvcache
+import flashback_integrations.engine.kv as kvcache
 from flashback_integrations.bench.speed import load_model, random_id_source
 
 parser = argparse.ArgumentParser()

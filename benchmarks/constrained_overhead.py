@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from flashback_integrations import FlashBackConfig, FlashBackModel, TokenEvent, constrained
-from flashback_integrations.constrained import Grammar
+from flashback_integrations import FlashBackConfig, FlashBackModel, TokenEvent
+from flashback_integrations.engine import constrained
+from flashback_integrations.engine.constrained import Grammar
 from flashback_integrations.tools import call_grammar
 
 SCHEMA = {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flashback_integrations.evaluation import bootstrap
+from flashback_integrations.training.perplexity import bootstrap
 
 REFERENCES = ("no retrieval", "prepend + LoRA + MT")
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from val_references import val_loss  # this folder is on sys.path when run as a script
 
-from flashback_integrations.data import load_examples
 from flashback_integrations.model import FlashBackModel
+from flashback_integrations.training.examples import load_examples
 
 
 def main(val_file: str, out: str, adapter: str, layout: str, tails: str) -> None:

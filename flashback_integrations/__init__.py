@@ -1,7 +1,8 @@
 """FlashBack: retrieval-augmented generation that appends passages and keeps the KV cache."""
 
-from .adapter import AdapterManifest, add_mark_tokens, base_fingerprint, load_adapter, save_adapter
 from .config import FlashBackConfig
+from .data import sample_corpus_dir
+from .engine.layout import MARK_L, MARK_R
 from .errors import (
     AdapterMismatchError,
     ConfigError,
@@ -19,10 +20,9 @@ from .events import (
     RetrievalEvent,
     TokenEvent,
 )
-from .layout import MARK_L, MARK_R
+from .loading.adapter import AdapterManifest, add_mark_tokens, base_fingerprint, load_adapter, save_adapter
 from .model import FlashBackModel
-from .retrieval import BM25Retriever, Passage, Retriever
-from .samples import sample_corpus_dir
+from .retrieval.base import BM25Retriever, Passage, Retriever
 
 __all__ = [
     "MARK_L",

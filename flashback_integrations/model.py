@@ -10,19 +10,19 @@ from typing import Any
 
 import torch
 
-from . import engine
-from .activation import is_activated
-from .adapter import AdapterManifest, load_adapter
 from .config import FlashBackConfig
-from .constrained import Constraint, Grammar
-from .devices import auto_placement, check_model_kwargs
+from .engine.activation import is_activated
+from .engine.constrained import Constraint, Grammar
+from .engine.kv import DEFAULT_PASSAGE_CACHE_BYTES, PassageKVCache, uses_rotary_positions, weights_fingerprint
+from .engine.layout import MARK_L, MARK_R, MarkIds, block_budget, encode_text, find_mark_ids
+from .engine.loop import GenerationSpec, run, run_rows
+from .engine.sampling import Sampling, validate_logprobs, validate_sampling
 from .errors import ConfigError, ContextWindowError, MarksUnavailableError
 from .events import Event, FlashBackCallback, GenerationResult, final_result
-from .kvcache import DEFAULT_PASSAGE_CACHE_BYTES, PassageKVCache, uses_rotary_positions, weights_fingerprint
-from .layout import MARK_L, MARK_R, MarkIds, block_budget, encode_text, find_mark_ids
-from .resolve import load_pretrained, resolve_model
-from .retrieval import RetrieverLike, as_retrieve_fn
-from .sampling import Sampling, validate_logprobs, validate_sampling
+from .loading.adapter import AdapterManifest, load_adapter
+from .loading.devices import auto_placement, check_model_kwargs
+from .loading.resolve import load_pretrained, resolve_model
+from .retrieval.base import RetrieverLike, as_retrieve_fn
 from .tools import check_tools, fallback_messages, template_supports_tools
 
 ADAPTERS = Path(__file__).parent / "adapters"
@@ -339,7 +339,7 @@ class FlashBackModel:
         grammar: Grammar | None = None,
         logprobs: bool = False,
         top_logprobs: int = 0,
-    ) -> engine.GenerationSpec:
+    ) -> GenerationSpec:
         """Validate everything and fail before any model work."""
         config = self.resolve_config(config)
         stop = validate_sampling(temperature, top_p, max_new_tokens, seed, stop, top_k, min_p, repetition_penalty)
@@ -383,7 +383,7 @@ class FlashBackModel:
                 f"{' + 2 marks' if marks else ''}) needs a context of {needed} tokens, but {self.name!r} "
                 f"has {window}. Shorten the prompt, lower max_new_tokens, num_passages or max_doc_tokens."
             )
-        return engine.GenerationSpec(
+        return GenerationSpec(
             prompt_ids=prompt_ids,
             config=config,
             marks=marks,
@@ -416,7 +416,7 @@ class FlashBackModel:
         first event, so a bad call raises at once.
         """
         spec = self.prepare(prompt, retriever, **kwargs)
-        return engine.run(self.model, self.tokenizer, spec)
+        return run(self.model, self.tokenizer, spec)
 
     def generate(
         self,
@@ -492,4 +492,4 @@ class FlashBackModel:
                 f"generate_batch needs prompts of equal token length, got {sorted(lengths)}; "
                 "use generate() per prompt for prompts of different lengths."
             )
-        return engine.run_rows(self.model, self.tokenizer, specs)
+        return run_rows(self.model, self.tokenizer, specs)

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .constrained import Grammar, closed
+from .engine.constrained import Grammar, closed
 from .errors import ConfigError
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"

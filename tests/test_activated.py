@@ -16,7 +16,7 @@ from test_isolated import MAX_DOC, PROMPT, QUERY_TOKENS, isolated_forward, query
 from tiny import HashRetriever, make_model
 
 from flashback_integrations import ConfigError, FlashBackConfig, FlashBackModel
-from flashback_integrations.activation import activate, is_activated
+from flashback_integrations.engine.activation import activate, is_activated
 
 
 def activated_model(arch: str, seed: int = 3):
@@ -56,7 +56,7 @@ def check(fb, config: FlashBackConfig, n: int) -> list[int]:
 
 @pytest.mark.parametrize(("t", "s", "k", "one_forward"), list(itertools.product((1, 4), (1, 4), (1, 3), (True, False))))
 def test_activated_isolated_logits_equal_gated_forward(fb, t, s, k, one_forward, monkeypatch) -> None:
-    import flashback_integrations.kvcache as kvcache
+    import flashback_integrations.engine.kv as kvcache
 
     if not one_forward:  # kernels without custom masks: segments and head fed on their own
         monkeypatch.setattr(kvcache, "takes_custom_masks", lambda model: False)
@@ -127,10 +127,10 @@ def test_threads_each_see_their_own_gate(fb) -> None:
 def test_scoring_with_an_activated_adapter_equals_generation() -> None:
     """``target_nll`` (padded batch, 4D mask, per-token gate) equals the engine's cached logits; the
     no-retrieval layout scores exactly as the base model."""
-    from flashback_integrations.data import Example, example_spans
-    from flashback_integrations.kvcache import KVContext
-    from flashback_integrations.layout import find_mark_ids
-    from flashback_integrations.training import target_nll
+    from flashback_integrations.engine.kv import KVContext
+    from flashback_integrations.engine.layout import find_mark_ids
+    from flashback_integrations.training.examples import Example, example_spans
+    from flashback_integrations.training.trainer import target_nll
 
     model, tok = activated_model("llama", seed=6)
     marks = find_mark_ids(tok)
@@ -156,9 +156,9 @@ def test_scoring_with_an_activated_adapter_equals_generation() -> None:
 
 
 def test_a_trained_activated_adapter_loads_activated_and_unmerged(tmp_path) -> None:
-    from flashback_integrations.adapter import load_adapter
-    from flashback_integrations.data import Example
-    from flashback_integrations.training import TrainConfig, train
+    from flashback_integrations.loading.adapter import load_adapter
+    from flashback_integrations.training.examples import Example
+    from flashback_integrations.training.trainer import TrainConfig, train
 
     model, tok = make_model("qwen2", marks=False, seed=8)
     gen = torch.Generator().manual_seed(1)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from tiny import HashRetriever, make_model
 
 from flashback_integrations import FlashBackConfig, FlashBackModel, TokenEvent
-from flashback_integrations.constrained import Constraint, Grammar, closed
+from flashback_integrations.engine.constrained import Constraint, Grammar, closed
 from flashback_integrations.errors import ConfigError
 from flashback_integrations.tools import CallStream, ToolCall, call_grammar, parse_tool_calls
 

@@ -7,8 +7,9 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from flashback_integrations import FlashBackConfig, FlashBackModel, ModelResolutionError, resolve
+from flashback_integrations import FlashBackConfig, FlashBackModel, ModelResolutionError
 from flashback_integrations.cli import app
+from flashback_integrations.loading import resolve
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,7 @@ def test_default_resolves_to_a_verified_safetensors_copy(home) -> None:
     assert fb.model.config.model_type == "llama" and fb.model.config.vocab_size == 49152 + 2  # + the marks
     # "default" comes with the shipped isolated adapter (activated): marks, settings and the manifest's base check
     assert fb.mark_ids is not None and fb.config.mode == "isolated" and fb.config.marks is True
-    from flashback_integrations.activation import is_activated
+    from flashback_integrations.engine.activation import is_activated
 
     assert is_activated(fb.model)
     append = FlashBackModel.from_pretrained("default", config=FlashBackConfig(mode="append"))

@@ -20,7 +20,7 @@ from flashback_integrations import (
     RetrievalEvent,
     TokenEvent,
 )
-from flashback_integrations.text import StreamingText
+from flashback_integrations.engine.text import StreamingText
 
 CFG = FlashBackConfig(mode="append", stride=4, query_tokens=8, num_passages=1, max_doc_tokens=12, marks=True)
 

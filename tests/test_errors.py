@@ -162,7 +162,7 @@ def test_dtype_and_device_names_are_checked_before_loading(tmp_path) -> None:
     from typer.testing import CliRunner
 
     from flashback_integrations.cli import app
-    from flashback_integrations.devices import resolve_device, resolve_dtype
+    from flashback_integrations.loading.devices import resolve_device, resolve_dtype
 
     assert resolve_dtype("torch.bfloat16") is torch.bfloat16 and resolve_dtype(torch.float16) is torch.float16
     with pytest.raises(ConfigError, match="not one of float32, bfloat16, float16"):

@@ -14,7 +14,7 @@ import torch
 from tiny import HashRetriever, make_model
 
 from flashback_integrations import ConfigError, FlashBackConfig, FlashBackModel, Passage
-from flashback_integrations.activation import lora_gate
+from flashback_integrations.engine.activation import lora_gate
 
 ROPE_ARCHS = ("llama", "qwen2", "mistral", "gemma")
 MAX_DOC = 12
@@ -169,7 +169,7 @@ def test_isolated_cache_arithmetic(fb: FlashBackModel) -> None:
 def test_a_warm_retrieval_is_one_forward_or_two_without_custom_masks(fb: FlashBackModel, merged, monkeypatch) -> None:
     """Merged: the s head tokens and the t tail tokens in one forward (head rows blind to the segments);
     attention kernels without custom masks get two forwards; both exact (logits checked per token)."""
-    import flashback_integrations.kvcache as kvcache
+    import flashback_integrations.engine.kv as kvcache
 
     if not merged:
         monkeypatch.setattr(kvcache, "takes_custom_masks", lambda model: False)
@@ -434,10 +434,10 @@ def test_bad_passage_cache_size(size) -> None:
 @pytest.mark.parametrize("arch", ("llama", "gemma"))
 def test_scoring_and_training_layout_equals_what_generation_serves(arch: str) -> None:
     """``target_nll(layout='isolated')`` (one padded, masked batch) equals the engine's cached logits."""
-    from flashback_integrations.data import Example, example_spans
-    from flashback_integrations.kvcache import KVContext
-    from flashback_integrations.layout import find_mark_ids
-    from flashback_integrations.training import target_nll
+    from flashback_integrations.engine.kv import KVContext
+    from flashback_integrations.engine.layout import find_mark_ids
+    from flashback_integrations.training.examples import Example, example_spans
+    from flashback_integrations.training.trainer import target_nll
 
     model, tok = make_model(arch, marks=True, seed=5)
     marks = find_mark_ids(tok)
@@ -460,8 +460,8 @@ def test_scoring_and_training_layout_equals_what_generation_serves(arch: str) ->
 
 def test_a_kept_passage_behind_a_moved_head_rest_is_recomputed_exactly(fb: FlashBackModel) -> None:
     """Same head, same first passage, another second one: the cache never keeps a passage it cannot place."""
-    from flashback_integrations.kvcache import KVContext
-    from flashback_integrations.layout import build_spans
+    from flashback_integrations.engine.kv import KVContext
+    from flashback_integrations.engine.layout import build_spans
 
     gen = torch.Generator().manual_seed(7)
 

@@ -11,9 +11,10 @@ import torch
 from tiny import HashRetriever, make_model
 from typer.testing import CliRunner
 
-from flashback_integrations import FlashBackConfig, FlashBackModel, devices
+from flashback_integrations import FlashBackConfig, FlashBackModel
 from flashback_integrations.cli import app
 from flashback_integrations.errors import ConfigError
+from flashback_integrations.loading import devices
 
 PROMPT = "The json module"
 

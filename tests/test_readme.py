@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flashback_integrations import resolve
+from flashback_integrations.loading import resolve
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)

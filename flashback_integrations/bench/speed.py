@@ -131,7 +131,7 @@ def fill_random(model, std: float = 0.02, pool: int = 1 << 20) -> None:
 
 def check_options(model: str, dtype: str, device: str, modes: list[str] | None = None) -> None:
     """Fail on a bad name before any process starts or any weights load."""
-    from ..devices import resolve_device, resolve_dtype
+    from ..loading.devices import resolve_device, resolve_dtype
 
     resolve_dtype(dtype)
     resolve_device(device)
@@ -156,7 +156,7 @@ def load_model(name: str, dtype: str, device: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..devices import resolve_dtype
+    from ..loading.devices import resolve_dtype
     from ..model import FlashBackModel, shipped_adapter
 
     check_options(name, dtype, device)
@@ -195,7 +195,7 @@ def run_case(case: SpeedCase, fb: Any = None) -> dict[str, Any]:
     import torch
 
     from ..config import FlashBackConfig
-    from ..retrieval import Passage
+    from ..retrieval.base import Passage
 
     load_started = time.perf_counter()
     reused = fb is not None
@@ -400,7 +400,7 @@ def forward_costs(
     """
     import torch
 
-    from ..engine import KVContext
+    from ..engine.loop import KVContext
 
     device = next(fb.model.parameters()).device
     cuda = device.type == "cuda"
@@ -481,9 +481,9 @@ def isolated_costs(
     from the state the previous retrieval left (head, passage, ``tail + stride - 1`` tail ids)."""
     import torch
 
-    from ..engine import KVContext
-    from ..kvcache import PassageKVCache
-    from ..layout import Span
+    from ..engine.kv import PassageKVCache
+    from ..engine.layout import Span
+    from ..engine.loop import KVContext
 
     cuda = next(fb.model.parameters()).device.type == "cuda"
     random_ids = random_id_source(fb, seed + 1)

@@ -9,9 +9,9 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 
 from ..events import FlashBackCallback, Retrieval
-from ..framework_retrievers import LangChainRetrieverAdapter
-from ..framework_settings import FlashBackSettings
-from ..retrieval import Passage, as_retrieve_fn
+from ..retrieval.adapt import LangChainRetrieverAdapter
+from ..retrieval.base import Passage, as_retrieve_fn
+from ..settings import FlashBackSettings
 
 RETRIEVAL_EVENT = "flashback_retrieval"
 __all__ = ["RETRIEVAL_EVENT", "EventBridge", "FlashBackCallbackHandler", "FlashBackSettings", "RunRetriever"]

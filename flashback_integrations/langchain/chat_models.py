@@ -25,7 +25,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from langchain_core.utils.utils import LC_ID_PREFIX
 from pydantic import BaseModel
 
-from ..constrained import schema_hint
+from ..engine.constrained import schema_hint
 from ..errors import ConfigError
 from ..events import FinishEvent, GenerationResult, TokenEvent, final_result, logprobs_payload
 from ..tools import CallStream, ToolCall, call_grammar, check_tools, chosen_tools, parse_tool_calls

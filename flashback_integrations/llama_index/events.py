@@ -10,7 +10,7 @@ from llama_index.core.instrumentation.events import BaseEvent
 from llama_index.core.schema import NodeWithScore, TextNode
 
 from ..events import FlashBackCallback, Retrieval
-from ..retrieval import Passage
+from ..retrieval.base import Passage
 
 dispatcher = get_dispatcher(__name__)
 

@@ -36,11 +36,11 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.schema import NodeWithScore
 
-from ..constrained import Grammar, closed, schema_hint
+from ..engine.constrained import Grammar, closed, schema_hint
+from ..engine.layout import block_budget
 from ..errors import ConfigError
 from ..events import Event, FinishEvent, GenerationResult, TokenEvent, TokenLogprob, final_result
-from ..framework_settings import FlashBackSettings
-from ..layout import block_budget
+from ..settings import FlashBackSettings
 from ..tools import call_grammar, check_tools, parse_tool_calls
 from .events import LlamaIndexBridge
 

@@ -1,5 +1,6 @@
 """Chroma-backed retrieval: ingestion, embedded or server storage, and retrievers for the engine."""
 
+from ..retrieval.chunking import Chunk, chunk_text
 from .chroma import (
     ChromaRetriever,
     IngestReport,
@@ -12,7 +13,6 @@ from .chroma import (
     get_collection,
     ingest,
 )
-from .chunking import Chunk, chunk_text
 from .embeddings import DEFAULT_EMBEDDING_MODEL, Embedder
 
 __all__ = [

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, FlashBackError
-from ..files import iter_files, read_text
-from ..resolve import flashback_home
-from ..retrieval import Passage
-from .chunking import check_chunking, chunk_text
+from ..loading.resolve import flashback_home
+from ..retrieval.base import Passage
+from ..retrieval.chunking import check_chunking, chunk_text
+from ..retrieval.files import iter_files, read_text
 from .embeddings import DEFAULT_EMBEDDING_MODEL, Embedder
 
 META_EMBEDDING = "flashback_embedding_model"

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelResolutionError
-from ..resolve import looks_like_path, sha256_file
+from ..loading.resolve import looks_like_path, sha256_file
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _ALIASES = {"all-MiniLM-L6-v2": DEFAULT_EMBEDDING_MODEL, "default": DEFAULT_EMBEDDING_MODEL}

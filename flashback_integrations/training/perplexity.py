@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import Example
-from .devices import resolve_device
-from .errors import ConfigError
-from .training import mark_id_list, pad_id_of, target_nll
+from ..errors import ConfigError
+from ..loading.devices import resolve_device
+from .examples import Example
+from .trainer import mark_id_list, pad_id_of, target_nll
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def with_tail(rows: Sequence[PplRow], tail_tokens: int) -> list[PplRow]:
 def check_row_adapters(rows: Sequence[PplRow]) -> None:
     """Refuse a missing adapter, or one trained for another layout or mark setting, before anything is
     scored: the first would fail rows later, the others would score and compare the wrong things."""
-    from .adapter import AdapterManifest, check_adapter_dir
+    from ..loading.adapter import AdapterManifest, check_adapter_dir
 
     for row in rows:
         manifest = AdapterManifest.load(check_adapter_dir(row.adapter)) if row.adapter else None
@@ -146,7 +146,7 @@ def score_row(
     ``scored`` holds the sums of a row's first examples from an interrupted run; scoring continues
     after them. ``on_batch`` receives the sums so far after every batch, so they can be saved.
     """
-    from .model import FlashBackModel
+    from ..model import FlashBackModel
 
     device = str(resolve_device(device))
     check_row_adapters([row])

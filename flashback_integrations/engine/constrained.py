@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 GrammarKind = Literal["json_schema", "json_object", "lark", "regex"]
 # One space after separators and no free whitespace: the form models read most, and no room for a

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .retrieval import Passage
+from ..retrieval.base import Passage
 
 MARK_L = "<MARK_L>"
 MARK_R = "<MARK_R>"

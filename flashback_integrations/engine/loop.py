@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 
-from .config import FlashBackConfig
-from .constrained import Constraint, Grammar
-from .errors import RetrievalError
-from .events import (
+from ..config import FlashBackConfig
+from ..errors import RetrievalError
+from ..events import (
     Event,
     FinishEvent,
     FlashBackCallback,
@@ -28,9 +27,10 @@ from .events import (
     TokenEvent,
     TokenLogprob,
 )
-from .kvcache import KVContext, PassageKVCache
+from ..retrieval.base import Passage
+from .constrained import Constraint, Grammar
+from .kv import KVContext, PassageKVCache
 from .layout import MarkIds, Span, build_spans, find_mark_ids, passage_ids, passage_segments, query_ids, wrap_block
-from .retrieval import Passage
 from .sampling import Sampling, choose_token
 from .text import StreamingText
 
@@ -225,7 +225,7 @@ def run_rows(model: Any, tokenizer: Any, specs: Sequence[GenerationSpec]) -> lis
     lengths (equal prompt lengths and passages of equal token length, as in the runtime benchmark);
     EOS and stop strings are not applied.
     """
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     cfg = specs[0].config
     steps = specs[0].max_new_tokens

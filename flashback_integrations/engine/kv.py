@@ -22,8 +22,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from ..errors import ConfigError
 from .activation import is_activated, lora_gate
-from .errors import ConfigError
 from .layout import Span
 
 

@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 SNIFF_BYTES = 8192
 

@@ -8,11 +8,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .config import FlashBackConfig
-from .devices import auto_placement, check_model_kwargs
+from .engine.layout import block_budget
+from .engine.sampling import validate_logprobs, validate_sampling
 from .errors import ConfigError
-from .layout import block_budget
+from .loading.devices import auto_placement, check_model_kwargs
 from .model import FlashBackModel, default_mode_for
-from .sampling import validate_logprobs, validate_sampling
 
 
 class FlashBackSettings(BaseModel):
@@ -106,7 +106,7 @@ class FlashBackSettings(BaseModel):
         try:
             from transformers import AutoConfig
 
-            from .resolve import resolve_model
+            from .loading.resolve import resolve_model
 
             hub = {"revision": self.revision} if self.revision else {}
             cfg = AutoConfig.from_pretrained(resolve_model(self.model), trust_remote_code=False, **hub)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from .errors import ConfigError, RetrievalError
+from ..errors import ConfigError, RetrievalError
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def as_retrieve_fn(retriever: RetrieverLike) -> Callable[[str, int], list[Passag
     The returned function validates what the retriever gives back, so a retriever that returns
     something other than text fails with an error naming the type instead of deep in tokenisation.
     """
-    from .framework_retrievers import wrap_framework_retriever
+    from .adapt import wrap_framework_retriever
 
     retriever = wrap_framework_retriever(retriever) or retriever
     if hasattr(retriever, "retrieve") and callable(retriever.retrieve):
@@ -152,7 +152,7 @@ class BM25Retriever:
         exclude_source: Iterable[str | Path] | None = None,
     ) -> BM25Retriever:
         """BM25 over the chunks of a Chroma collection (the paper's retriever, same chunks as the vectors)."""
-        from .store.chroma import all_chunks, build_where
+        from ..store.chroma import all_chunks, build_where
 
         excluded = [str(Path(s).resolve()) if Path(s).exists() else str(s) for s in exclude_source or []]
         ids, texts, metas = all_chunks(collection, build_where(where, excluded))

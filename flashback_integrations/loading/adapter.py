@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from .activation import ACTIVATION_PASSAGE, activate
-from .errors import AdapterMismatchError, ConfigError
-from .layout import MARK_L, MARK_R
+from ..engine.activation import ACTIVATION_PASSAGE, activate
+from ..engine.layout import MARK_L, MARK_R
+from ..errors import AdapterMismatchError, ConfigError
 
 MANIFEST_NAME = "flashback_adapter.json"
 _FINGERPRINT_ROWS = 256

@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
-from .activation import ACTIVATION_PASSAGE, activate, lora_gate
-from .adapter import AdapterManifest, add_mark_tokens, base_fingerprint, save_adapter
-from .config import FlashBackConfig, require_positive_ints
-from .data import Example, ExampleSettings, example_ids, example_spans, summarize
-from .devices import resolve_device
-from .errors import ConfigError
-from .layout import MarkIds, Span, find_mark_ids
+from ..config import FlashBackConfig, require_positive_ints
+from ..engine.activation import ACTIVATION_PASSAGE, activate, lora_gate
+from ..engine.layout import MarkIds, Span, find_mark_ids
+from ..errors import ConfigError
+from ..loading.adapter import AdapterManifest, add_mark_tokens, base_fingerprint, save_adapter
+from ..loading.devices import resolve_device
+from .examples import Example, ExampleSettings, example_ids, example_spans, summarize
 
 # Attention and MLP projections per architecture (PEFT's "all-linear" minus the output head,
 # spelled out so the choice is visible in the adapter config).
@@ -503,7 +503,7 @@ def init_from_adapter(peft_model: Any, directory: str | Path) -> None:
     """Copy an adapter's LoRA and mark weights into ``peft_model`` (fine-tuning from it)."""
     from peft.utils import load_peft_weights, set_peft_model_state_dict
 
-    from .adapter import check_adapter_dir
+    from ..loading.adapter import check_adapter_dir
 
     directory = check_adapter_dir(directory)
     ours = peft_model.peft_config["default"]

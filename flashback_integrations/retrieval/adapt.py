@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .retrieval import Passage
+from .base import Passage
 
 
 class LangChainRetrieverAdapter:

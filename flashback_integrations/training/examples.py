@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import rename_legacy, require_positive_ints
-from .errors import ConfigError, RetrievalError
-from .layout import MarkIds, Span, build_context, build_spans, wrap_block
-from .retrieval import Passage
+from ..config import rename_legacy, require_positive_ints
+from ..engine.layout import MarkIds, Span, build_context, build_spans, wrap_block
+from ..errors import ConfigError, RetrievalError
+from ..retrieval.base import Passage
 
 FORMAT_VERSION = 1
 
@@ -188,8 +188,8 @@ class ExcludingRetriever:
 
 def chunk_retriever(docs: Sequence[Document], tokenizer: Any, chunk_tokens: int = 128) -> Callable:
     """BM25 over ``chunk_tokens``-token chunks of ``docs`` (the paper's retriever), sources recorded."""
-    from .retrieval import BM25Retriever
-    from .store.chunking import chunk_text
+    from ..retrieval.base import BM25Retriever
+    from ..retrieval.chunking import chunk_text
 
     texts, ids, metas = [], [], []
     for d in docs:
