@@ -22,7 +22,7 @@ from .events import (
 )
 from .loading.adapter import AdapterManifest, add_mark_tokens, base_fingerprint, load_adapter, save_adapter
 from .model import FlashBackModel
-from .retrieval.base import BM25Retriever, Passage, Retriever
+from .retrieval import BM25Retriever, Passage, Retriever
 
 __all__ = [
     "MARK_L",

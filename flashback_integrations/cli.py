@@ -151,7 +151,7 @@ def generate(
 ) -> None:
     """Continue PROMPT, retrieving every --stride tokens from --collection (Chroma) or --corpus (BM25)."""
     from .model import default_mode_for
-    from .retrieval.base import BM25Retriever
+    from .retrieval import BM25Retriever
     from .store import ChromaRetriever
 
     try:
@@ -466,7 +466,7 @@ def index_query(
     bm25: Annotated[bool, typer.Option("--bm25", help="BM25 over the same chunks.")] = False,
 ) -> None:
     """Show what retrieval returns for TEXT."""
-    from .retrieval.base import BM25Retriever
+    from .retrieval import BM25Retriever
     from .store import ChromaRetriever, get_collection
 
     try:

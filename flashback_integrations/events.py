@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
 from .retrieval.base import Passage
@@ -35,6 +35,12 @@ class Retrieval:
     """Isolated mode: tokens of the computed segments (each in a forward of its own)."""
     error: str | None = None
     """Why the block is missing when ``on_retrieval_error='skip'`` let generation go on."""
+
+    def payload(self) -> dict[str, Any]:
+        """The record as plain data (passages as their ids): what LangChain's custom event, LlamaIndex's
+        ``FlashBackRetrievalEvent`` and the generation metadata carry."""
+        record = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "passages"}
+        return {**record, "passage_ids": [p.id for p in self.passages]}
 
 
 @dataclass

@@ -22,7 +22,7 @@ from .events import Event, FlashBackCallback, GenerationResult, final_result
 from .loading.adapter import AdapterManifest, load_adapter
 from .loading.devices import auto_placement, check_model_kwargs
 from .loading.resolve import load_pretrained, resolve_model
-from .retrieval.base import RetrieverLike, as_retrieve_fn
+from .retrieval import RetrieverLike, as_retrieve_fn
 from .tools import check_tools, fallback_messages, template_supports_tools
 
 ADAPTERS = Path(__file__).parent / "adapters"

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..retrieval.adapt import read_collection
 from ..store import ChromaRetriever, Embedder, connect, ingest
-from ..store.chroma import all_chunks, get_collection
+from ..store.chroma import get_collection
 from ..store.server import ChromaServer
 
 
@@ -83,7 +84,7 @@ def _measure(
         client, "bench", paths, tokenizer, tokenizer_name, embedder, chunk_tokens=chunk_tokens, progress=progress
     )
     if not query_texts:  # the same queries for every mode: the opening words of random chunks
-        _, texts, _ = all_chunks(get_collection(client, "bench"))
+        _, texts, _ = read_collection(get_collection(client, "bench"))
         rng = random.Random(seed)
         query_texts.extend(" ".join(t.split()[:12]) for t in rng.sample(texts, min(queries, len(texts))))
     retriever = ChromaRetriever("bench", client=client, embedding_model=embedder)

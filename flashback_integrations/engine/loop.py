@@ -7,7 +7,6 @@ decides when to retrieve, what the model sees, how a token is chosen, and what i
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 
 from ..config import FlashBackConfig
-from ..errors import RetrievalError
+from ..errors import ConfigError, RetrievalError
 from ..events import (
     Event,
     FinishEvent,
@@ -28,6 +27,7 @@ from ..events import (
     TokenLogprob,
 )
 from ..retrieval.base import Passage
+from ..retrieval.guard import GuardedRetriever
 from .constrained import Constraint, Grammar
 from .kv import KVContext, PassageKVCache
 from .layout import MarkIds, Span, build_spans, find_mark_ids, passage_ids, passage_segments, query_ids, wrap_block
@@ -57,69 +57,6 @@ class GenerationSpec:
     """None: no log-probabilities; n >= 0: each token's log-probability and the n most likely."""
 
 
-_STUCK_LOCK = threading.Lock()
-_STUCK: dict[int, tuple[Any, threading.Thread]] = {}  # id(retriever) -> (it, its call that timed out)
-
-
-def _call_with_timeout(fn: Callable[[str, int], list[Passage]], query: str, k: int, timeout: float) -> list[Passage]:
-    """Run a retrieval in a daemon thread: a hung retriever never keeps the interpreter alive, and
-    while one of its calls is still hung no other is started (threads never pile up)."""
-    owner = getattr(fn, "source", fn)
-    with _STUCK_LOCK:
-        held = _STUCK.get(id(owner))
-        if held is not None and held[0] is owner and held[1].is_alive():
-            raise TimeoutError("an earlier call to this retriever timed out and is still running; not starting another")
-        _STUCK.pop(id(owner), None)
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn(query, k)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's policy
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name="flashback-retriever", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        with _STUCK_LOCK:
-            _STUCK[id(owner)] = (owner, thread)
-        raise TimeoutError(f"retriever took longer than retrieval_timeout={timeout}s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-class _Retriever:
-    """Runs the user's retriever with the timeout and error policy, and times it."""
-
-    def __init__(self, spec: GenerationSpec) -> None:
-        self.spec = spec
-
-    def __call__(self, query: str) -> tuple[list[Passage], float, str | None]:
-        cfg = self.spec.config
-        started = time.perf_counter()
-        try:
-            if cfg.retrieval_timeout is None:
-                passages = self.spec.retrieve(query, cfg.num_passages)  # type: ignore[misc]
-            else:
-                passages = _call_with_timeout(self.spec.retrieve, query, cfg.num_passages, cfg.retrieval_timeout)  # type: ignore[arg-type]
-        except RetrievalError:
-            raise  # wrong return type: a bug in the retriever, never skipped
-        except Exception as exc:  # noqa: BLE001 - the policy decides
-            latency = time.perf_counter() - started
-            if cfg.on_retrieval_error == "raise":
-                raise RetrievalError(
-                    f"Retriever failed ({type(exc).__name__}: {exc}). Set "
-                    "on_retrieval_error='skip' to generate that stride without a block."
-                ) from exc
-            return [], latency, f"{type(exc).__name__}: {exc}"
-        return passages, time.perf_counter() - started, None
-
-    def close(self) -> None:
-        """Nothing to release: a hung call's daemon thread ends with it or with the interpreter."""
-
-
 def run(model: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:
     """Generate token by token in the calling thread, retrieving every ``stride`` tokens."""
     cfg = spec.config
@@ -131,7 +68,7 @@ def run(model: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:
     block_step = 0
     kv = KVContext(model, spec.passage_cache, spec.fingerprint)
     text = StreamingText(tokenizer, spec.stop)
-    retriever = _Retriever(spec) if cfg.retrieves else None
+    retriever = GuardedRetriever(spec.retrieve, cfg) if cfg.retrieves else None
     generator = None
     sampling = spec.sampling
     processors = sampling.processors()
@@ -225,13 +162,11 @@ def run_rows(model: Any, tokenizer: Any, specs: Sequence[GenerationSpec]) -> lis
     lengths (equal prompt lengths and passages of equal token length, as in the runtime benchmark);
     EOS and stop strings are not applied.
     """
-    from ..errors import ConfigError
-
     cfg = specs[0].config
     steps = specs[0].max_new_tokens
     started = time.perf_counter()
     kv = KVContext(model, specs[0].passage_cache, specs[0].fingerprint)
-    retrievers = [_Retriever(spec) if cfg.retrieves else None for spec in specs]
+    retrievers = [GuardedRetriever(spec.retrieve, cfg) if cfg.retrieves else None for spec in specs]
     generated: list[list[int]] = [[] for _ in specs]
     blocks: list[list[list[int]]] = [[] for _ in specs]
     block_step = 0
@@ -289,7 +224,7 @@ def run_rows(model: Any, tokenizer: Any, specs: Sequence[GenerationSpec]) -> lis
 def _retrieve(
     spec: GenerationSpec,
     tokenizer: Any,
-    retriever: _Retriever,
+    retriever: GuardedRetriever,
     prompt: list[int],
     generated: list[int],
     step: int,

@@ -9,8 +9,8 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 
 from ..events import FlashBackCallback, Retrieval
+from ..retrieval import Passage, as_retrieve_fn
 from ..retrieval.adapt import LangChainRetrieverAdapter
-from ..retrieval.base import Passage, as_retrieve_fn
 from ..settings import FlashBackSettings
 
 RETRIEVAL_EVENT = "flashback_retrieval"
@@ -62,22 +62,6 @@ class RunRetriever:
         return passages
 
 
-def retrieval_payload(r: Retrieval) -> dict[str, Any]:
-    return {
-        "step": r.step,
-        "query": r.query,
-        "passage_ids": [p.id for p in r.passages],
-        "block_tokens": r.block_tokens,
-        "latency_s": r.latency_s,
-        "reused_tokens": r.reused_tokens,
-        "prefill_tokens": r.prefill_tokens,
-        "segments_computed": r.segments_computed,
-        "segments_reused": r.segments_reused,
-        "segment_tokens_computed": r.segment_tokens_computed,
-        "error": r.error,
-    }
-
-
 class EventBridge(FlashBackCallback):
     """Engine retrieval callbacks -> a LangChain custom event on the LLM run."""
 
@@ -88,7 +72,7 @@ class EventBridge(FlashBackCallback):
         if self.run_manager is None:
             return
         _child_manager(self.run_manager).on_custom_event(
-            RETRIEVAL_EVENT, retrieval_payload(retrieval), run_id=self.run_manager.run_id
+            RETRIEVAL_EVENT, retrieval.payload(), run_id=self.run_manager.run_id
         )
 
 

@@ -29,7 +29,7 @@ from ..engine.constrained import schema_hint
 from ..errors import ConfigError
 from ..events import FinishEvent, GenerationResult, TokenEvent, final_result, logprobs_payload
 from ..tools import CallStream, ToolCall, call_grammar, check_tools, chosen_tools, parse_tool_calls
-from ._common import EventBridge, FlashBackSettings, RunRetriever, retrieval_payload
+from ._common import EventBridge, FlashBackSettings, RunRetriever
 from ._messages import (
     json_schema_of,
     lc_tool_call_chunk,
@@ -126,7 +126,7 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
             "model_name": name,
             "model_provider": "flashback",
             "finish_reason": result.finish_reason,
-            "retrievals": [retrieval_payload(r) for r in result.retrievals],
+            "retrievals": [r.payload() for r in result.retrievals],
         }
         if result.logprobs is not None:
             metadata["logprobs"] = logprobs_payload(fb.tokenizer, result.logprobs)

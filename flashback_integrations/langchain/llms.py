@@ -10,7 +10,7 @@ from langchain_core.language_models.llms import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
 from ..events import FinishEvent, GenerationResult, TokenEvent, final_result, logprobs_payload
-from ._common import EventBridge, FlashBackSettings, RunRetriever, retrieval_payload
+from ._common import EventBridge, FlashBackSettings, RunRetriever
 
 
 def _generation_info(result: GenerationResult, tokenizer: Any) -> dict[str, Any]:
@@ -18,7 +18,7 @@ def _generation_info(result: GenerationResult, tokenizer: Any) -> dict[str, Any]
         "finish_reason": result.finish_reason,
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
-        "retrievals": [retrieval_payload(r) for r in result.retrievals],
+        "retrievals": [r.payload() for r in result.retrievals],
     }
     if result.logprobs is not None:  # with logprobs=True: OpenAI's format, as ChatFlashBack reports it
         info["logprobs"] = logprobs_payload(tokenizer, result.logprobs)

@@ -10,7 +10,7 @@ from llama_index.core.instrumentation.events import BaseEvent
 from llama_index.core.schema import NodeWithScore, TextNode
 
 from ..events import FlashBackCallback, Retrieval
-from ..retrieval.base import Passage
+from ..retrieval import Passage
 
 dispatcher = get_dispatcher(__name__)
 
@@ -84,21 +84,10 @@ class LlamaIndexBridge(FlashBackCallback):
             self.callback_manager.on_event_end(
                 CBEventType.RETRIEVE, payload={EventPayload.NODES: nodes}, event_id=self._open.pop(retrieval.step)
             )
+        record = retrieval.payload()
+        del record["passage_ids"]  # as node ids: a node made from a passage without an id gets one
         dispatcher.event(
-            FlashBackRetrievalEvent(
-                span_id=self.span_id,
-                step=retrieval.step,
-                query=retrieval.query,
-                node_ids=[n.node.node_id for n in nodes],
-                block_tokens=retrieval.block_tokens,
-                latency_s=retrieval.latency_s,
-                reused_tokens=retrieval.reused_tokens,
-                prefill_tokens=retrieval.prefill_tokens,
-                segments_computed=retrieval.segments_computed,
-                segments_reused=retrieval.segments_reused,
-                segment_tokens_computed=retrieval.segment_tokens_computed,
-                error=retrieval.error,
-            )
+            FlashBackRetrievalEvent(span_id=self.span_id, node_ids=[n.node.node_id for n in nodes], **record)
         )
 
     def on_retrieval_error(self, step: int, query: str, error: BaseException) -> None:

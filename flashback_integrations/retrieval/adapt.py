@@ -1,15 +1,18 @@
-"""Let the engine take a LangChain or LlamaIndex retriever as it is.
+"""The one place that knows foreign retrieval objects: LangChain and LlamaIndex retrievers are taken
+as they are, and a Chroma collection's chunks are read page by page (duck-typed, no chromadb import).
 
-Detection looks only at modules the user has already imported, so neither framework is imported
-(or required) by the core package.
+Framework detection looks only at modules the user has already imported, so neither framework is
+imported (or required) by the core package.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from .base import Passage
+from ..errors import ConfigError
+from .base import Passage, RetrieverLike, coerce_passages
 
 
 class LangChainRetrieverAdapter:
@@ -60,3 +63,62 @@ def wrap_framework_retriever(obj: Any) -> Any | None:
     if li is not None and isinstance(obj, li.BaseRetriever):
         return LlamaIndexRetrieverAdapter(obj)
     return None
+
+
+def as_retrieve_fn(retriever: RetrieverLike) -> Callable[[str, int], list[Passage]]:
+    """Normalise a retriever object or plain callable into ``(query, k) -> list[Passage]``.
+
+    The returned function validates what the retriever gives back, so a retriever that returns
+    something other than text fails with an error naming the type instead of deep in tokenisation.
+    """
+    retriever = wrap_framework_retriever(retriever) or retriever
+    if hasattr(retriever, "retrieve") and callable(retriever.retrieve):
+        fn = retriever.retrieve
+        name = type(retriever).__name__
+    elif callable(retriever):
+        fn = retriever
+        name = getattr(retriever, "__name__", type(retriever).__name__)
+    else:
+        raise ConfigError(
+            f"retriever of type {type(retriever).__name__} is neither an object with "
+            "retrieve(query, k) nor a callable (query, k) -> list[str]."
+        )
+
+    def retrieve(query: str, k: int) -> list[Passage]:
+        raw = fn(query, k)
+        return coerce_passages(raw, source=name)[:k]
+
+    retrieve.source = retriever  # type: ignore[attr-defined]  # who a hung call belongs to
+    return retrieve
+
+
+def collection_filter(where: dict[str, Any] | None, exclude_source: Iterable[str] | None) -> dict[str, Any] | None:
+    """A Chroma ``where`` combining a user filter with the excluded sources."""
+    clauses: list[dict[str, Any]] = []
+    if where:
+        clauses.append(where)
+    excluded = sorted(exclude_source or [])
+    if excluded:
+        clauses.append({"source": {"$nin": excluded}})
+    if not clauses:
+        return None
+    return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+
+def read_collection(
+    collection: Any, where: dict[str, Any] | None = None, page: int = 5000
+) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """Every (id, text, metadata) of a Chroma-API collection that passes ``where``."""
+    ids: list[str] = []
+    texts: list[str] = []
+    metas: list[dict[str, Any]] = []
+    offset = 0
+    while True:
+        got = collection.get(include=["documents", "metadatas"], limit=page, offset=offset, where=where)
+        if not got["ids"]:
+            break
+        ids += got["ids"]
+        texts += [d or "" for d in got["documents"]]
+        metas += [dict(m or {}) for m in got["metadatas"]]
+        offset += len(got["ids"])
+    return ids, texts, metas

@@ -1,4 +1,5 @@
-"""Token-based chunking with character spans, so every chunk can be traced back to its file."""
+"""The one chunker: windows of the reader's tokens with character spans (so every chunk traces back to
+its file), or of words where no tokenizer is at hand (BM25 over files)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,11 @@ def chunk_text(text: str, tokenizer: Any, chunk_tokens: int = 128, overlap: int 
         if start_tok + chunk_tokens >= len(offsets):
             break
     return chunks
+
+
+def word_chunks(text: str, chunk_words: int) -> list[str]:
+    """``text`` cut into pieces of ``chunk_words`` whitespace-separated words."""
+    if chunk_words <= 0:
+        raise ConfigError(f"chunk_words must be positive, got {chunk_words}.")
+    words = text.split()
+    return [" ".join(words[i : i + chunk_words]) for i in range(0, len(words), chunk_words)]

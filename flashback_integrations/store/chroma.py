@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, FlashBackError
 from ..loading.resolve import flashback_home
+from ..retrieval.adapt import collection_filter, read_collection
 from ..retrieval.base import Passage
 from ..retrieval.chunking import check_chunking, chunk_text
 from ..retrieval.files import iter_files, read_text
@@ -310,7 +311,7 @@ class ChromaRetriever:
         self.exclude_source = {str(Path(s).resolve()) if Path(s).exists() else str(s) for s in excluded}
 
     def _filter(self) -> dict[str, Any] | None:
-        return build_where(self.where, self.exclude_source)
+        return collection_filter(self.where, self.exclude_source)
 
     def retrieve(self, query: str, k: int) -> list[Passage]:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -345,35 +346,4 @@ class ChromaRetriever:
 
     def all_chunks(self, page: int = 5000) -> tuple[list[str], list[str], list[dict[str, Any]]]:
         """Every (id, text, metadata) that passes the filters, e.g. to build BM25 over the same chunks."""
-        return all_chunks(self.collection, self._filter(), page)
-
-
-def build_where(where: dict[str, Any] | None, exclude_source: Iterable[str] | None) -> dict[str, Any] | None:
-    """A Chroma ``where`` combining a user filter with the excluded sources."""
-    clauses: list[dict[str, Any]] = []
-    if where:
-        clauses.append(where)
-    excluded = sorted(exclude_source or [])
-    if excluded:
-        clauses.append({"source": {"$nin": excluded}})
-    if not clauses:
-        return None
-    return clauses[0] if len(clauses) == 1 else {"$and": clauses}
-
-
-def all_chunks(
-    collection: Any, where: dict[str, Any] | None = None, page: int = 5000
-) -> tuple[list[str], list[str], list[dict[str, Any]]]:
-    ids: list[str] = []
-    texts: list[str] = []
-    metas: list[dict[str, Any]] = []
-    offset = 0
-    while True:
-        got = collection.get(include=["documents", "metadatas"], limit=page, offset=offset, where=where)
-        if not got["ids"]:
-            break
-        ids += got["ids"]
-        texts += [d or "" for d in got["documents"]]
-        metas += [dict(m or {}) for m in got["metadatas"]]
-        offset += len(got["ids"])
-    return ids, texts, metas
+        return read_collection(self.collection, self._filter(), page)

@@ -9,7 +9,6 @@ and carried to a GPU machine for training or scoring.
 
 from __future__ import annotations
 
-import fnmatch
 import gzip
 import json
 import random
@@ -21,7 +20,9 @@ from typing import Any
 from ..config import rename_legacy, require_positive_ints
 from ..engine.layout import MarkIds, Span, build_context, build_spans, wrap_block
 from ..errors import ConfigError, RetrievalError
-from ..retrieval.base import Passage
+from ..retrieval import BM25Retriever, Passage
+from ..retrieval.chunking import chunk_text
+from ..retrieval.files import iter_files, read_text
 
 FORMAT_VERSION = 1
 
@@ -87,46 +88,15 @@ class ExampleSettings:
         return self.context_budget - self.target_tokens - 2
 
 
-def _matches(rel: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatch(rel, p) for p in patterns)
-
-
-def list_files(
-    paths: Iterable[str | Path], include: Sequence[str] = (), exclude: Sequence[str] = ()
-) -> list[tuple[Path, str]]:
-    """(file, path relative to the given folder) for files under ``paths``, filtered by glob
-    patterns on the relative path (``whatsnew/*``); hidden entries are skipped."""
-    found: list[tuple[Path, str]] = []
-    for root in map(Path, paths):
-        if root.is_file():
-            candidates = [(root, root.name)]
-        elif root.is_dir():
-            candidates = [
-                (f, f.relative_to(root).as_posix())
-                for f in sorted(root.rglob("*"))
-                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts)
-            ]
-        else:
-            raise ConfigError(f"Corpus path {root} does not exist.")
-        for f, rel in candidates:
-            if include and not _matches(rel, include):
-                continue
-            if exclude and _matches(rel, exclude):
-                continue
-            found.append((f, rel))
-    return found
-
-
 def load_documents(
     paths: Iterable[str | Path], tokenizer: Any, include: Sequence[str] = (), exclude: Sequence[str] = ()
 ) -> list[Document]:
     """Tokenise text files (no special tokens); ``source`` is the resolved path, as in the store."""
     docs = []
-    for f, _ in list_files(paths, include, exclude):
-        raw = f.read_bytes()
-        if b"\x00" in raw[:4096]:
+    for f in iter_files(paths, include=include, exclude=exclude):
+        text, _ = read_text(f)
+        if text is None:  # binary or empty
             continue
-        text = raw.decode("utf-8", errors="replace")
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if ids:
             docs.append(Document(source=str(f.resolve()), ids=list(ids), text=text))
@@ -188,9 +158,6 @@ class ExcludingRetriever:
 
 def chunk_retriever(docs: Sequence[Document], tokenizer: Any, chunk_tokens: int = 128) -> Callable:
     """BM25 over ``chunk_tokens``-token chunks of ``docs`` (the paper's retriever), sources recorded."""
-    from ..retrieval.base import BM25Retriever
-    from ..retrieval.chunking import chunk_text
-
     texts, ids, metas = [], [], []
     for d in docs:
         for c in chunk_text(d.text, tokenizer, chunk_tokens=chunk_tokens):
