@@ -19,7 +19,7 @@ from flashback_integrations import FlashBackConfig, FlashBackModel
 from flashback_integrations.engine.activation import is_activated
 from flashback_integrations.loading.adapter import load_adapter
 from flashback_integrations.loading.resolve import load_pretrained, resolve_model
-from flashback_integrations.model import shipped_adapter
+from flashback_integrations.loading.shipped import shipped_adapter
 
 PASSAGE = (
     "The json module encodes Python objects as JSON text with json.dumps and writes them to a file with "

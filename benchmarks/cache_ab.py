@@ -12,7 +12,7 @@ import time
 from transformers import DynamicCache
 
 import flashback_integrations.engine.kv as kvcache
-from flashback_integrations.bench.speed import load_model, random_id_source
+from flashback_integrations.bench.models import load_model, random_id_source
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--rows", type=int, default=1)

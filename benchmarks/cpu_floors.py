@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from flashback_integrations.bench.speed import load_model, predict_runs
+from flashback_integrations.bench.forward import predict_runs
+from flashback_integrations.bench.models import load_model
 
 fb = load_model("default", "float32", "cpu")
 head = fb.model.get_output_embeddings()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from .errors import ConfigError
@@ -10,6 +10,18 @@ from .errors import ConfigError
 Mode = Literal["append", "prepend", "isolated", "none"]
 MODES: tuple[str, ...] = ("append", "prepend", "isolated", "none")
 ON_ERROR: tuple[str, ...] = ("raise", "skip")
+
+
+def setting(default: Any = MISSING, help: str = "", *, factory: Any = MISSING) -> Any:
+    """A settings field with its help text: the one declaration the CLI options and the framework
+    classes' fields are derived from (peft's ``field(metadata={"help": ...})``)."""
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def help_of(f: Field) -> str:
+    return f.metadata.get("help", "")
 
 
 def require_positive_ints(obj: Any, names: tuple[str, ...]) -> None:
@@ -44,19 +56,23 @@ class FlashBackConfig:
     the portable variant for engines that only reuse causal prefixes (0 = the paper's layout).
     """
 
-    mode: Mode | None = None
-    """None: the layout the model was loaded for (its adapter's; ``"default"``: isolated), else append."""
-    stride: int = 16
-    query_tokens: int = 32
-    num_passages: int = 1
-    max_doc_tokens: int = 128
-    marks: bool | None = None
-    on_retrieval_error: Literal["raise", "skip"] = "raise"
-    retrieval_timeout: float | None = None
-    tail_tokens: int | None = None
-    """None: the setting the model's adapter was trained with, else 1."""
-    passage_sink: bool = False
-    block_offset: int = 0
+    mode: Mode | None = setting(
+        None, "append | prepend | isolated | none (default: the model's adapter's layout; 'default': isolated)."
+    )
+    stride: int = setting(16, "Retrieve every N generated tokens (s).")
+    query_tokens: int = setting(32, "The query is the text of the last N tokens (l).")
+    num_passages: int = setting(1, "Passages per retrieval (the k given to the retriever).")
+    max_doc_tokens: int = setting(128, "Tokens kept of each passage.")
+    marks: bool | None = setting(None, "Bound the block with the marking tokens (default: when the model has them).")
+    on_retrieval_error: Literal["raise", "skip"] = setting(
+        "raise", "raise | skip (generate that stride without a block)."
+    )
+    retrieval_timeout: float | None = setting(None, "Seconds a retrieval may take before it counts as failed.")
+    tail_tokens: int | None = setting(
+        None, "isolated: history tokens that read the passages (default: the adapter's, else 1)."
+    )
+    passage_sink: bool = setting(False, "isolated: passages also attend to the text's first token.")
+    block_offset: int = setting(0, "append: place the block N tokens back (0 = the paper's layout).")
 
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in MODES:
@@ -111,3 +127,31 @@ def rename_legacy(data: dict[str, Any]) -> dict[str, Any]:
     if "top_k" in data and "num_passages" not in data:
         data = {("num_passages" if k == "top_k" else k): v for k, v in data.items()}
     return data
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """How a model is loaded: ``FlashBackModel.from_pretrained``'s arguments, for the CLI and the
+    framework classes alike."""
+
+    model: str = setting("default", "'default', a hub id or a local path.")
+    adapter: str | None = setting(None, "FlashBack adapter directory (LoRA + marking tokens).")
+    dtype: str | None = setting(None, "float32 | bfloat16 | float16 (default: bf16 on a GPU, else fp32).")
+    device: str | None = setting(None, "cpu | cuda | cuda:N (default: the GPU when there is one).")
+    revision: str | None = setting(None, "Hub branch, tag or commit of the model.")
+    trust_remote_code: bool = setting(False, "Run the model repository's own code (trusted repositories only).")
+    model_kwargs: dict[str, Any] = setting(
+        help="More from_pretrained arguments: device_map, quantization_config, attn_implementation "
+        "(a JSON object on the command line).",
+        factory=dict,
+    )
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``FlashBackModel.shared``/``from_pretrained`` besides model and adapter."""
+        return {
+            "dtype": self.dtype,
+            "device": self.device,
+            "revision": self.revision,
+            "trust_remote_code": self.trust_remote_code,
+            **self.model_kwargs,
+        }

@@ -22,58 +22,15 @@ from .events import Event, FlashBackCallback, GenerationResult, final_result
 from .loading.adapter import AdapterManifest, load_adapter
 from .loading.devices import auto_placement, check_model_kwargs
 from .loading.resolve import load_pretrained, resolve_model
+from .loading.shipped import choose_adapter
 from .retrieval import RetrieverLike, as_retrieve_fn
 from .tools import check_tools, fallback_messages, template_supports_tools
-
-ADAPTERS = Path(__file__).parent / "adapters"
-SHIPPED_ADAPTERS = {
-    "isolated": ADAPTERS / "smollm2-135m-isolated",  # activated: the base model until the passage
-    "append": ADAPTERS / "smollm2-135m-flashback",  # the paper's layout: append + LoRA + marks
-    "prepend": ADAPTERS / "smollm2-135m-prepend",  # In-Context RALM's layout: prepend + LoRA + marks
-}
-SHIPPED_ADAPTER = SHIPPED_ADAPTERS["append"]
-
-
-def _packaged(path: Path) -> Path | None:
-    return path if (path / "adapter_config.json").is_file() else None
-
-
-def default_mode() -> str:
-    """The layout ``"default"`` uses: isolated when its adapter is packaged, else the paper's append."""
-    return "isolated" if _packaged(SHIPPED_ADAPTERS["isolated"]) else "append"
-
-
-def shipped_adapter(mode: str | None = None) -> Path | None:
-    """The adapter trained for the default model in ``mode`` (the default layout's for ``None`` and
-    ``"none"``, which an activated adapter serves as the plain base model), if packaged."""
-    mode = default_mode() if mode in (None, "none") else mode
-    return _packaged(SHIPPED_ADAPTERS.get(mode, SHIPPED_ADAPTERS["append"]))
-
-
-def default_mode_for(name: str, adapter: str | Path | bool | None = None) -> str:
-    """The mode a model loads with when none is given: its adapter's (manifest), else append."""
-    chosen = _choose_adapter(name, adapter, None)
-    if chosen is None:
-        return "append"
-    manifest = AdapterManifest.load(chosen) if Path(chosen).is_dir() else None
-    mode = manifest.flashback_config.get("mode") if manifest is not None else None
-    return mode if isinstance(mode, str) else "append"
 
 
 def _is_id(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _choose_adapter(name: str, adapter: str | Path | bool | None, config: FlashBackConfig | None) -> str | Path | None:
-    if adapter is False or (isinstance(adapter, str) and adapter.lower() == "none"):
-        return None
-    if adapter is True:
-        adapter = None
-    if adapter is None and name == "default" and (config is None or config.marks is not False):
-        return shipped_adapter(config.mode if config is not None else None)
-    return adapter
 
 
 _SHARED: dict[tuple[Any, ...], FlashBackModel] = {}
@@ -134,7 +91,7 @@ class FlashBackModel:
         dtype, device = auto_placement(dtype, device, model_kwargs.get("device_map"))
         if revision is not None and (not isinstance(revision, str) or not revision.strip()):
             raise ConfigError(f"revision must be a branch, tag or commit name, got {revision!r}.")
-        adapter = _choose_adapter(name_or_path, adapter, config)
+        adapter = choose_adapter(name_or_path, adapter, config)
 
         source = resolve_model(name_or_path)
         hub = {"revision": revision} if revision is not None else {}
@@ -184,7 +141,7 @@ class FlashBackModel:
         the shipped adapter of ``"default"`` for that layout."""
         model_kwargs = check_model_kwargs(model_kwargs)
         dtype, placed = auto_placement(dtype, device, model_kwargs.get("device_map"))
-        chosen = _choose_adapter(name_or_path, adapter, FlashBackConfig(mode=mode) if mode else None)
+        chosen = choose_adapter(name_or_path, adapter, FlashBackConfig(mode=mode) if mode else None)
         key = (
             name_or_path,
             str(chosen) if chosen else None,

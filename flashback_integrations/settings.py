@@ -12,7 +12,8 @@ from .engine.layout import block_budget
 from .engine.sampling import validate_logprobs, validate_sampling
 from .errors import ConfigError
 from .loading.devices import auto_placement, check_model_kwargs
-from .model import FlashBackModel, default_mode_for
+from .loading.shipped import default_mode_for
+from .model import FlashBackModel
 
 
 class FlashBackSettings(BaseModel):

@@ -8,7 +8,8 @@ import pytest
 from tiny import save_tiny_chat_model
 from typer.testing import CliRunner
 
-from flashback_integrations.bench.speed import _cost_at, plan_lengths, predict_runs
+from flashback_integrations.bench.forward import _cost_at, predict_runs
+from flashback_integrations.bench.models import plan_lengths
 from flashback_integrations.cli import app
 
 
@@ -76,8 +77,8 @@ def test_speed_benchmark_batches_rows_in_lockstep(tmp_path) -> None:
 
 def test_forward_costs_time_the_three_forwards_of_a_cycle(tmp_path, monkeypatch) -> None:
     """Decode feeds 1 id after T-1 kept, append's re-feed stride + doc after T - stride - doc, prepend all T."""
+    from flashback_integrations.engine.kv import KVContext
     from flashback_integrations.engine.layout import Span
-    from flashback_integrations.engine.loop import KVContext
 
     fed: list[tuple[int, int, int]] = []  # (rows, kept, fed) of every forward
     isolated: list[tuple[int, int, int]] = []  # the same for the isolated layout's cycles
@@ -173,8 +174,8 @@ def test_speed_benchmark_resumes_the_cases_a_stopped_run_finished(tmp_path) -> N
 
 
 def test_forward_costs_with_a_longer_tail_feed_stride_plus_tail(tmp_path, monkeypatch) -> None:
+    from flashback_integrations.engine.kv import KVContext
     from flashback_integrations.engine.layout import Span
-    from flashback_integrations.engine.loop import KVContext
 
     isolated: list[int] = []
     original = KVContext.next_logits_rows

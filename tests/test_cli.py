@@ -6,7 +6,8 @@ import pytest
 from tiny import make_model, save_tiny_chat_model
 from typer.testing import CliRunner
 
-from flashback_integrations.cli import app, sample_corpus_dir
+from flashback_integrations import sample_corpus_dir
+from flashback_integrations.cli import app
 
 runner = CliRunner()
 

@@ -135,7 +135,7 @@ def test_append_cache_arithmetic(arch_model: FlashBackModel, marks: bool) -> Non
 
 def test_cache_outgrows_its_room_and_crops_exactly(arch_model: FlashBackModel) -> None:
     """KVContext's cache writes into spare room; growing past it, cropping and changing rows stay exact."""
-    from flashback_integrations.engine.loop import KVContext
+    from flashback_integrations.engine.kv import KVContext
 
     fb = arch_model
     gen = torch.Generator().manual_seed(3)

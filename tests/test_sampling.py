@@ -100,7 +100,7 @@ def test_manifests_and_example_files_with_the_old_name_still_load(tmp_path) -> N
     old = {"mode": "append", "stride": 16, "query_tokens": 32, "top_k": 2, "max_doc_tokens": 64}
     assert FlashBackConfig.from_dict(old).num_passages == 2
     assert ExampleSettings.from_dict({"top_k": 2, "max_doc_tokens": 64}).num_passages == 2
-    from flashback_integrations.model import SHIPPED_ADAPTERS
+    from flashback_integrations.loading.shipped import SHIPPED_ADAPTERS
 
     for folder in SHIPPED_ADAPTERS.values():
         manifest = folder / "flashback_adapter.json"

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..config import setting
 from ..errors import ConfigError
 
 
@@ -25,12 +26,12 @@ class Sampling:
     """How the next token is chosen. ``temperature=0`` is greedy (the other warpers then do nothing;
     the repetition penalty still applies). ``top_k`` here is sampling's top-k, never passages."""
 
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+    temperature: float = setting(0.0, "0 = greedy.")
+    top_p: float = setting(1.0, "Nucleus sampling mass.")
+    top_k: int | None = setting(None, "Sampling: keep the k most likely tokens (never the number of passages).")
+    min_p: float | None = setting(None, "Sampling: drop tokens below min_p x the top probability.")
+    repetition_penalty: float = setting(1.0, "Penalise tokens already in the text (1 = off).")
+    seed: int | None = setting(None, "Sampling seed.")
 
     def __post_init__(self) -> None:
         if _real("temperature", self.temperature) < 0:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import setting
 from ..errors import ConfigError, FlashBackError
 from ..loading.resolve import flashback_home
 from ..retrieval.adapt import collection_filter, read_collection
@@ -31,6 +32,19 @@ META_TOKENIZER = "flashback_chunk_tokenizer"
 
 class StoreError(FlashBackError, RuntimeError):
     """The store cannot do what was asked: unknown collection, unreachable server, wrong embedding."""
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """Where the Chroma store is: an embedded folder, or a server."""
+
+    persist_dir: Path | None = setting(None, "Embedded store folder (default: $FLASHBACK_HOME/chroma).")
+    chroma_host: str | None = setting(None, "Use a Chroma server at this host.")
+    chroma_port: int = setting(8000, "Chroma server port.")
+
+    def connect(self, create: bool = False) -> Any:
+        """A client; only commands that write (``index add``, the demo) may create an embedded folder."""
+        return connect(self.persist_dir, self.chroma_host, self.chroma_port, create=create)
 
 
 def default_persist_dir() -> Path:

@@ -17,12 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import rename_legacy, require_positive_ints
+from ..config import rename_legacy, require_positive_ints, setting
 from ..engine.layout import MarkIds, Span, build_context, build_spans, wrap_block
 from ..errors import ConfigError, RetrievalError
 from ..retrieval import BM25Retriever, Passage
 from ..retrieval.chunking import chunk_text
 from ..retrieval.files import iter_files, read_text
+from ..store.chroma import StoreLocation
 
 FORMAT_VERSION = 1
 
@@ -55,14 +56,15 @@ class ExampleSettings:
     ``max_doc_tokens``, and ``|src| + |doc|`` drawn uniformly in ``[min_window, context_budget -
     target_tokens - 2]`` so the example fits ``context_budget`` positions with both marks."""
 
-    context_budget: int = 512
-    target_tokens: int = 16
-    target_every: int = 16
-    first_target: int = 512
-    query_tokens: int = 32
-    num_passages: int = 1
-    max_doc_tokens: int = 128
-    min_window: int = 256
+    context_budget: int = setting(512, "Positions an example may use (METHOD.md: 512).")
+    target_tokens: int = setting(16, "Target length s (= the retrieval stride).")
+    target_every: int = setting(16, "A target every N tokens of a document.")
+    first_target: int = setting(512, "First target position in a document.")
+    query_tokens: int = setting(32, "Query = the l tokens before the target.")
+    num_passages: int = setting(1, "Passages per target.")
+    max_doc_tokens: int = setting(128, "Tokens kept of each passage.")
+    # Help texts are rich markup: a literal "[" must be escaped or the bracketed text vanishes.
+    min_window: int = setting(256, r"|src| + |doc| is drawn from \[min-window, budget - s - 2].")
 
     def __post_init__(self) -> None:
         require_positive_ints(self, tuple(asdict(self)))
@@ -301,6 +303,71 @@ def load_examples(
         header = {**header, "subset": {"examples": max_examples, "of": len(examples), "seed": seed}}
         examples = [examples[i] for i in keep]
     return examples, header
+
+
+@dataclass(frozen=True)
+class ExampleSource:
+    """Where targets and their passages come from."""
+
+    docs: list[Path] | None = setting(None, "Files/folders the targets come from (repeatable).")
+    include: list[str] | None = setting(None, "Glob on paths under --docs to keep.")
+    exclude: list[str] | None = setting(None, "Glob on paths under --docs to drop.")
+    retrieval: list[Path] | None = setting(
+        None, "Files/folders to retrieve from with BM25 (default: the --docs files)."
+    )
+    retrieval_include: list[str] | None = setting(None, "Glob under --retrieval.")
+    retrieval_exclude: list[str] | None = setting(None, "Glob under --retrieval.")
+    collection: str | None = setting(None, "Retrieve from this Chroma collection (dense) instead of BM25.")
+    chunk_tokens: int = setting(128, "BM25 chunk size in reader tokens.")
+
+
+def examples_from(
+    source: ExampleSource,
+    store: StoreLocation,
+    model: str,
+    settings: ExampleSettings,
+    max_examples: int | None,
+    val_fraction: float,
+    max_val_examples: int | None,
+    seed: int,
+    exclude_all_docs: bool = False,
+) -> tuple[list[Example], list[Example], dict[str, Any]]:
+    """:func:`prepare_examples` for the CLI's settings: the reader's tokenizer, and a Chroma retriever
+    when ``source.collection`` is set."""
+    from ..loading.resolve import load_pretrained, resolve_model
+    from ..store import ChromaRetriever
+
+    if not source.docs:
+        raise ConfigError("give --docs (files/folders the targets come from) or --examples.")
+    retriever = None
+    if source.collection:
+        retriever = ChromaRetriever(source.collection, client=store.connect()).retrieve
+    return prepare_examples(
+        load_pretrained(resolve_model(model), "tokenizer"),
+        source.docs,
+        source.include or (),
+        source.exclude or (),
+        source.retrieval,
+        source.retrieval_include or (),
+        source.retrieval_exclude or (),
+        retriever,
+        settings,
+        max_examples,
+        val_fraction,
+        max_val_examples,
+        source.chunk_tokens,
+        seed,
+        exclude_all_docs=exclude_all_docs,
+    )
+
+
+def load_examples_file(path: str | Path, max_examples: int | None, seed: int) -> tuple[list[Example], dict[str, Any]]:
+    """Examples from ``flashback data build`` and the summary that travels with them."""
+    examples, header = load_examples(path, max_examples, seed)
+    info = {"examples_file": str(path), **header.get("info", {})}
+    if "subset" in header:
+        info["subset"] = header["subset"]
+    return examples, info
 
 
 def prepare_examples(

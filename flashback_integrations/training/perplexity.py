@@ -97,6 +97,32 @@ def with_tail(rows: Sequence[PplRow], tail_tokens: int) -> list[PplRow]:
     ]
 
 
+def select_rows(
+    model: str,
+    flashback_adapter: str | None,
+    prepend_adapter: str | None,
+    append_adapter: str | None,
+    isolated_adapter: str | None,
+    names: Sequence[str] | None,
+    tail_tokens: int = 1,
+) -> tuple[list[PplRow], list[str]]:
+    """The rows ``flashback eval ppl`` scores: the paper's and the isolated layout's (all, or those
+    ``names``), and the names skipped for want of an adapter. ``"default"`` scores its shipped append
+    adapter as FlashBack unless another is given."""
+    from ..loading.shipped import shipped_adapter
+
+    if flashback_adapter is None and model == "default" and shipped_adapter("append") is not None:
+        flashback_adapter = str(shipped_adapter("append"))
+    rows, skipped = paper_rows(flashback_adapter, prepend_adapter, append_adapter, isolated_adapter)
+    if names:
+        unknown = set(names) - {r.name for r in rows} - set(skipped)
+        if unknown:
+            raise ConfigError(f"Unknown row(s) {sorted(unknown)}; rows are {[r.name for r in rows] + skipped}.")
+        rows = [r for r in rows if r.name in names]
+        skipped = [name for name in skipped if name in names]
+    return with_tail(rows, tail_tokens), skipped
+
+
 def check_row_adapters(rows: Sequence[PplRow]) -> None:
     """Refuse a missing adapter, or one trained for another layout or mark setting, before anything is
     scored: the first would fail rows later, the others would score and compare the wrong things."""

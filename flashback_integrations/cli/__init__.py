@@ -1,0 +1,12 @@
+"""The ``flashback`` command line. Each command parses its options (most derived from the settings
+objects, see ``options``), calls one library function and prints."""
+
+from . import bench, generate, index, train  # noqa: F401 - each registers its commands on the app
+from .app import app
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+__all__ = ["app", "main"]
