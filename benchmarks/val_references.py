@@ -15,7 +15,7 @@ import torch
 
 from flashback_integrations.model import FlashBackModel
 from flashback_integrations.training.examples import load_examples
-from flashback_integrations.training.trainer import mark_id_list, pad_id_of, target_nll
+from flashback_integrations.training.scoring import mark_id_list, pad_id_of, target_nll
 
 ROWS = [
     ("prepend + LoRA + MT", "prepend", "benchmarks/adapters/prepend-marks", True),

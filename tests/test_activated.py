@@ -130,7 +130,7 @@ def test_scoring_with_an_activated_adapter_equals_generation() -> None:
     from flashback_integrations.engine.kv import KVContext
     from flashback_integrations.engine.layout import find_mark_ids
     from flashback_integrations.training.examples import Example, example_spans
-    from flashback_integrations.training.trainer import target_nll
+    from flashback_integrations.training.scoring import target_nll
 
     model, tok = activated_model("llama", seed=6)
     marks = find_mark_ids(tok)

