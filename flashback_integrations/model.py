@@ -13,9 +13,10 @@ import torch
 from .config import FlashBackConfig
 from .engine.activation import is_activated
 from .engine.constrained import Constraint, Grammar
-from .engine.kv import DEFAULT_PASSAGE_CACHE_BYTES, PassageKVCache, uses_rotary_positions, weights_fingerprint
+from .engine.kv import uses_rotary_positions
 from .engine.layout import MARK_L, MARK_R, MarkIds, block_budget, encode_text, find_mark_ids
 from .engine.loop import GenerationSpec, run, run_rows
+from .engine.passages import DEFAULT_PASSAGE_CACHE_BYTES, PassageKVCache, weights_fingerprint
 from .engine.sampling import Sampling, validate_logprobs, validate_sampling
 from .errors import ConfigError, ContextWindowError, MarksUnavailableError
 from .events import Event, FlashBackCallback, GenerationResult, final_result
@@ -376,55 +377,17 @@ class FlashBackModel:
         return run(self.model, self.tokenizer, spec)
 
     def generate(
-        self,
-        prompt: str | Sequence[int],
-        retriever: RetrieverLike | None = None,
-        *,
-        config: FlashBackConfig | None = None,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        ignore_eos: bool = False,
-        callbacks: Sequence[FlashBackCallback] | None = None,
-        output_logits: bool = False,
-        first_query: str | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        repetition_penalty: float = 1.0,
-        grammar: Grammar | None = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
+        self, prompt: str | Sequence[int], retriever: RetrieverLike | None = None, **kwargs: Any
     ) -> GenerationResult:
         """Generate up to ``max_new_tokens`` with a retrieval every ``config.stride`` tokens.
 
-        Sampling (``temperature > 0``) takes ``top_k``, ``top_p``, ``min_p`` and ``seed``;
-        ``repetition_penalty`` applies to greedy decoding too. Passages per retrieval are
-        ``config.num_passages``. A ``grammar`` (:class:`~.constrained.Grammar`) constrains the output
-        (JSON schema, JSON object, Lark, regex); ``logprobs``/``top_logprobs`` report each token's
-        log-probability and its best alternatives (``GenerationResult.logprobs``)."""
-        events = self.stream(
-            prompt,
-            retriever,
-            config=config,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            ignore_eos=ignore_eos,
-            callbacks=callbacks,
-            output_logits=output_logits,
-            first_query=first_query,
-            top_k=top_k,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            grammar=grammar,
-            logprobs=logprobs,
-            top_logprobs=top_logprobs,
-        )
-        return final_result(events)
+        Takes :meth:`prepare`'s keyword arguments (declared there once): ``config``, ``max_new_tokens``,
+        sampling (``temperature > 0`` with ``top_k``/``top_p``/``min_p``/``seed``; ``repetition_penalty``
+        applies to greedy decoding too), ``stop``, ``ignore_eos``, ``callbacks``, ``first_query``, a
+        ``grammar`` (:class:`~.engine.constrained.Grammar`: JSON schema, JSON object, Lark, regex) and
+        ``logprobs``/``top_logprobs`` (``GenerationResult.logprobs``). Passages per retrieval are
+        ``config.num_passages``."""
+        return final_result(self.stream(prompt, retriever, **kwargs))
 
     def generate_batch(
         self,

@@ -2,68 +2,72 @@
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from .config import FlashBackConfig
+from .config import FlashBackConfig, LoadSettings, help_of
 from .engine.layout import block_budget
-from .engine.sampling import validate_logprobs, validate_sampling
+from .engine.sampling import Sampling, validate_logprobs, validate_sampling
 from .errors import ConfigError
 from .loading.devices import auto_placement, check_model_kwargs
 from .loading.shipped import default_mode_for
 from .model import FlashBackModel
 
+SETTINGS_CLASSES = (LoadSettings, FlashBackConfig, Sampling)
 
-class FlashBackSettings(BaseModel):
-    """Fields of every framework class; names follow the engine's ``FlashBackConfig``."""
 
+def _widen(tp: Any) -> Any:
+    """The field type for pydantic: ``Literal`` choices become ``str`` so that the settings object's own
+    check (a ``ConfigError`` naming the field and the choices) is what a bad value meets."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        return str
+    if origin in (typing.Union, types.UnionType):
+        return typing.Union[tuple(_widen(a) for a in get_args(tp))]  # noqa: UP007 - built from a tuple
+    return tp
+
+
+def derived_fields(*classes: type) -> dict[str, Any]:
+    """pydantic field definitions from settings dataclasses: the same names, defaults and help texts."""
+    out: dict[str, Any] = {}
+    for cls in classes:
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.default_factory is not dataclasses.MISSING:
+                info = Field(default_factory=f.default_factory, description=help_of(f))
+            else:
+                info = Field(default=f.default, description=help_of(f))
+            out[f.name] = (_widen(hints[f.name]), info)
+    return out
+
+
+class _Base(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True, protected_namespaces=())
 
-    model: str = "default"
-    """``"default"`` (SmolLM2-135M-Instruct, offline), a hub id or a local path."""
-    adapter: str | None = None
-    """FlashBack adapter directory (LoRA + marking tokens)."""
+
+# The loading, retrieval and sampling settings, each declared once (LoadSettings, FlashBackConfig, Sampling).
+_Declared = create_model("FlashBackDeclaredSettings", __base__=_Base, **derived_fields(*SETTINGS_CLASSES))
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(FlashBackConfig))
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(Sampling))
+
+
+class FlashBackSettings(_Declared):  # type: ignore[misc, valid-type]
+    """Fields of every framework class: the engine's settings (``LoadSettings``, ``FlashBackConfig``,
+    ``Sampling``) under the same names, plus what a framework class adds."""
+
     retriever: Any = None
     """A LangChain or LlamaIndex retriever, a ``ChromaRetriever``, or anything with ``retrieve(query, k)``."""
-    mode: str | None = None
-    """None: the layout the model's adapter was trained for (``"default"``: isolated), else append."""
-    stride: int = 16
-    query_tokens: int = 32
-    num_passages: int = 1
-    """Passages per retrieval (the ``k`` given to the retriever)."""
-    max_doc_tokens: int = 128
-    marks: bool | None = None
-    on_retrieval_error: str = "raise"
-    retrieval_timeout: float | None = None
-    tail_tokens: int | None = None
-    """isolated: history tokens that read the passages; None: what the model's adapter was trained with."""
-    passage_sink: bool = False
-    block_offset: int = 0
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    """Sampling's top-k (as in HuggingFacePipeline, ChatOllama, vLLM), never the number of passages."""
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
-    seed: int | None = None
     logprobs: bool = False
     """Report each generated token's log-probability (OpenAI format)."""
     top_logprobs: int | None = None
     """With ``logprobs``: also the n most likely tokens at each step (0-20)."""
     max_new_tokens: int = Field(default=256, alias="max_tokens")
     stop: list[str] | None = None
-    dtype: str | None = None
-    """float32 | bfloat16 | float16; None: bf16 on a GPU, fp32 on the CPU."""
-    device: str | None = None
-    """cpu | cuda | cuda:N; None: the GPU when there is one, else the CPU."""
-    model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """More ``from_pretrained`` arguments: ``device_map``, ``quantization_config``, ``attn_implementation``."""
-    revision: str | None = None
-    """Hub branch, tag or commit of ``model``."""
-    trust_remote_code: bool = False
-    """Run the model repository's own Python code (only for repositories you trust)."""
     flashback_model: FlashBackModel | None = Field(default=None, exclude=True)
     """An already loaded model; takes precedence over ``model``/``adapter``."""
     # Accepted so the class drops into code written for hosted models; a local model has no use for them.
@@ -77,15 +81,16 @@ class FlashBackSettings(BaseModel):
         than ``model_post_init``, which the frameworks' base classes use themselves)."""
         config = self.flashback_config()
         validate_logprobs(self.logprobs, self.top_logprobs)
+        sampling = self.sampling()
         validate_sampling(
-            self.temperature,
-            self.top_p,
+            sampling.temperature,
+            sampling.top_p,
             self.max_new_tokens,
-            self.seed,
+            sampling.seed,
             self.stop,
-            self.top_k,
-            self.min_p,
-            self.repetition_penalty,
+            sampling.top_k,
+            sampling.min_p,
+            sampling.repetition_penalty,
         )
         auto_placement(self.dtype, self.device, check_model_kwargs(self.model_kwargs).get("device_map"))
         window = self._window()
@@ -128,19 +133,11 @@ class FlashBackSettings(BaseModel):
         return default_mode_for(self.model, self.adapter)
 
     def flashback_config(self) -> FlashBackConfig:
-        return FlashBackConfig(
-            mode=self.resolved_mode(),  # type: ignore[arg-type]
-            stride=self.stride,
-            query_tokens=self.query_tokens,
-            num_passages=self.num_passages,
-            max_doc_tokens=self.max_doc_tokens,
-            marks=self.marks,
-            on_retrieval_error=self.on_retrieval_error,  # type: ignore[arg-type]
-            retrieval_timeout=self.retrieval_timeout,
-            tail_tokens=self.tail_tokens,
-            passage_sink=self.passage_sink,
-            block_offset=self.block_offset,
-        )
+        values = {name: getattr(self, name) for name in CONFIG_FIELDS}
+        return FlashBackConfig(**{**values, "mode": self.resolved_mode()})
+
+    def sampling(self) -> Sampling:
+        return Sampling(**{name: getattr(self, name) for name in SAMPLING_FIELDS})
 
     def flashback(self) -> FlashBackModel:
         """The engine model, loaded on first use and shared by every instance with the same weights."""
@@ -151,13 +148,8 @@ class FlashBackSettings(BaseModel):
         return FlashBackModel.shared(self.model, self.adapter, mode=self.resolved_mode(), **self._load_kwargs())
 
     def _load_kwargs(self) -> dict[str, Any]:
-        return {
-            "dtype": self.dtype,
-            "device": self.device,
-            "revision": self.revision,
-            "trust_remote_code": self.trust_remote_code,
-            **self.model_kwargs,
-        }
+        load = LoadSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoadSettings)})
+        return load.load_kwargs()
 
     def flashback_for_call(self, kwargs: dict[str, Any]) -> tuple[FlashBackModel, str]:
         """The model for one call: ``invoke(..., model="other")`` overrides the configured one."""
@@ -189,12 +181,7 @@ class FlashBackSettings(BaseModel):
         kwargs: dict[str, Any] = {
             "config": config,
             "max_new_tokens": overrides.get("max_tokens", overrides.get("max_new_tokens", self.max_new_tokens)),
-            "temperature": overrides.get("temperature", self.temperature),
-            "top_p": overrides.get("top_p", self.top_p),
-            "top_k": overrides.get("top_k", self.top_k),
-            "min_p": overrides.get("min_p", self.min_p),
-            "repetition_penalty": overrides.get("repetition_penalty", self.repetition_penalty),
-            "seed": overrides.get("seed", self.seed),
+            **{name: overrides.get(name, getattr(self, name)) for name in SAMPLING_FIELDS},
             "stop": stops or None,
         }
         if overrides.get("first_query") is not None:
@@ -206,16 +193,4 @@ class FlashBackSettings(BaseModel):
         return kwargs
 
 
-_CALL_OPTIONS = {
-    "max_tokens",
-    "max_new_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "seed",
-    "first_query",
-    "logprobs",
-    "top_logprobs",
-}
+_CALL_OPTIONS = {"max_tokens", "max_new_tokens", "first_query", "logprobs", "top_logprobs", *SAMPLING_FIELDS}

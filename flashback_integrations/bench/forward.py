@@ -112,8 +112,9 @@ def isolated_costs(
     from the state the previous retrieval left (head, passage, ``tail + stride - 1`` tail ids)."""
     import torch
 
-    from ..engine.kv import KVContext, PassageKVCache
+    from ..engine.kv import KVContext
     from ..engine.layout import Span
+    from ..engine.passages import PassageKVCache
 
     cuda = next(fb.model.parameters()).device.type == "cuda"
     random_ids = random_id_source(fb, seed + 1)

@@ -29,8 +29,9 @@ from ..events import (
 from ..retrieval.base import Passage
 from ..retrieval.guard import GuardedRetriever
 from .constrained import Constraint, Grammar
-from .kv import KVContext, PassageKVCache
+from .kv import KVContext
 from .layout import MarkIds, Span, build_spans, find_mark_ids, passage_ids, passage_segments, query_ids, wrap_block
+from .passages import PassageKVCache
 from .sampling import Sampling, choose_token
 from .text import StreamingText
 
