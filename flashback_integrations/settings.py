@@ -125,6 +125,16 @@ class FlashBackSettings(_Declared):  # type: ignore[misc, valid-type]
                 return value
         return None
 
+    def prompt_window(self) -> int:
+        """Context left to the prompt and the output once the largest retrieval block is placed."""
+        fb = self.flashback()
+        config = self.flashback_config()
+        window = fb.context_window or 2048
+        if self.retriever is not None and config.retrieves:
+            marks = config.marks is not False and fb.mark_ids is not None
+            window -= block_budget(config.num_passages, config.max_doc_tokens, marks)
+        return window
+
     def resolved_mode(self) -> str:
         if self.mode is not None:
             return self.mode

@@ -18,8 +18,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine.constrained import Grammar, closed
+from .engine.constrained import Grammar, closed, schema_hint
 from .errors import ConfigError
+
+# the grammar side that framework adapters use for structured output, re-exported with the tool calls
+__all__ = ["Grammar", "closed", "schema_hint"]
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _NAME_RE = re.compile(r'"name"\s*:\s*"([^"\\]+)"')

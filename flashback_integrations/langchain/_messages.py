@@ -12,9 +12,8 @@ from langchain_core.messages import BaseMessage
 from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
 from langchain_core.utils.function_calling import convert_to_json_schema
 
-from ..engine.constrained import Grammar, closed
 from ..errors import ConfigError
-from ..tools import InvalidToolCall, ParsedOutput, ToolCall
+from ..tools import Grammar, InvalidToolCall, ParsedOutput, ToolCall, closed
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "tool"}
 

@@ -25,10 +25,9 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from langchain_core.utils.utils import LC_ID_PREFIX
 from pydantic import BaseModel
 
-from ..engine.constrained import schema_hint
 from ..errors import ConfigError
 from ..events import FinishEvent, GenerationResult, TokenEvent, final_result, logprobs_payload
-from ..tools import CallStream, ToolCall, call_grammar, check_tools, chosen_tools, parse_tool_calls
+from ..tools import CallStream, ToolCall, call_grammar, check_tools, chosen_tools, parse_tool_calls, schema_hint
 from ._common import EventBridge, FlashBackSettings, RunRetriever
 from ._messages import (
     json_schema_of,
@@ -292,6 +291,17 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
         )
         return manager, messages, params, config
 
+    @staticmethod
+    def _run_start(params: dict[str, Any], stop: Any, kwargs: dict[str, Any], config: Any) -> dict[str, Any]:
+        """What ``on_chat_model_start`` gets besides the messages (as ``BaseChatModel.stream`` passes it)."""
+        return {
+            "invocation_params": params,
+            "options": {"stop": stop, **kwargs},
+            "name": config.get("run_name"),
+            "run_id": config.pop("run_id", None),
+            "batch_size": 1,
+        }
+
     def stream(
         self,
         input: LanguageModelInput,
@@ -305,13 +315,7 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
             return
         manager, messages, params, config = self._start_run(input, config, stop, kwargs, CallbackManager)
         (run_manager,) = manager.on_chat_model_start(
-            self._serialized,
-            [messages],
-            invocation_params=params,
-            options={"stop": stop, **kwargs},
-            name=config.get("run_name"),
-            run_id=config.pop("run_id", None),
-            batch_size=1,
+            self._serialized, [messages], **self._run_start(params, stop, kwargs, config)
         )
         chunks: list[ChatGenerationChunk] = []
         try:
@@ -339,13 +343,7 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
             return
         manager, messages, params, config = self._start_run(input, config, stop, kwargs, AsyncCallbackManager)
         (run_manager,) = await manager.on_chat_model_start(
-            self._serialized,
-            [messages],
-            invocation_params=params,
-            options={"stop": stop, **kwargs},
-            name=config.get("run_name"),
-            run_id=config.pop("run_id", None),
-            batch_size=1,
+            self._serialized, [messages], **self._run_start(params, stop, kwargs, config)
         )
         chunks: list[ChatGenerationChunk] = []
         try:

@@ -36,12 +36,10 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.schema import NodeWithScore
 
-from ..engine.constrained import Grammar, closed, schema_hint
-from ..engine.layout import block_budget
 from ..errors import ConfigError
 from ..events import Event, FinishEvent, GenerationResult, TokenEvent, TokenLogprob, final_result
 from ..settings import FlashBackSettings
-from ..tools import call_grammar, check_tools, parse_tool_calls
+from ..tools import Grammar, call_grammar, check_tools, closed, parse_tool_calls, schema_hint
 from .events import LlamaIndexBridge
 
 
@@ -127,11 +125,7 @@ class FlashBackLLM(FlashBackSettings, FunctionCallingLLM):
     @property
     def metadata(self) -> LLMMetadata:
         fb = self.flashback()
-        config = self.flashback_config()
-        window = fb.context_window or 2048
-        if self.retriever is not None and config.retrieves:
-            marks = config.marks is not False and fb.mark_ids is not None
-            window -= block_budget(config.num_passages, config.max_doc_tokens, marks)
+        window = self.prompt_window()
         chat = bool(getattr(fb.tokenizer, "chat_template", None))
         return LLMMetadata(
             context_window=window,
@@ -233,16 +227,25 @@ class FlashBackLLM(FlashBackSettings, FunctionCallingLLM):
             prompt = self.completion_to_prompt(prompt)
         return self._completion_gen(self.run(prompt, **kwargs))
 
-    def _completion_gen(self, events: Iterator[Event]) -> CompletionResponseGen:
+    def _deltas(self, events: Iterator[Event]) -> Iterator[tuple[str, str, Any, GenerationResult | None]]:
+        """(text so far, delta, logprobs, None) per token, then (text, "", None, result): what both the
+        completion and the chat stream are made of."""
         text = ""
         tokenizer = self.flashback().tokenizer
         for event in events:
             if isinstance(event, TokenEvent) and (event.text or event.logprob is not None):
                 text += event.text
                 logprobs = _logprobs(tokenizer, [event.logprob]) if event.logprob is not None else None
-                yield CompletionResponse(text=text, delta=event.text, logprobs=logprobs)
+                yield text, event.text, logprobs, None
             elif isinstance(event, FinishEvent):
-                yield CompletionResponse(text=text, delta="", raw=self._raw(event.result))
+                yield text, "", None, event.result
+
+    def _completion_gen(self, events: Iterator[Event]) -> CompletionResponseGen:
+        for text, delta, logprobs, result in self._deltas(events):
+            if result is None:
+                yield CompletionResponse(text=text, delta=delta, logprobs=logprobs)
+            else:
+                yield CompletionResponse(text=text, delta="", raw=self._raw(result))
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
@@ -274,17 +277,12 @@ class FlashBackLLM(FlashBackSettings, FunctionCallingLLM):
     def _chat_gen(self, events: Iterator[Event], with_tools: bool = False) -> ChatResponseGen:
         """Text deltas as they come; with tools, the calls are parsed from the whole text at the end
         (the last response carries them, as LlamaIndex's agents read the last one)."""
-        text = ""
-        tokenizer = self.flashback().tokenizer
-        for event in events:
-            if isinstance(event, TokenEvent) and (event.text or event.logprob is not None):
-                text += event.text
-                logprobs = _logprobs(tokenizer, [event.logprob]) if event.logprob is not None else None
-                yield ChatResponse(
-                    message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=event.text, logprobs=logprobs
-                )
-            elif isinstance(event, FinishEvent):
-                final = self._chat_response(event.result, with_tools)
+        for text, delta, logprobs, result in self._deltas(events):
+            if result is None:
+                message = ChatMessage(role=MessageRole.ASSISTANT, content=text)
+                yield ChatResponse(message=message, delta=delta, logprobs=logprobs)
+            else:
+                final = self._chat_response(result, with_tools)
                 final.delta, final.logprobs = "", None
                 yield final
 

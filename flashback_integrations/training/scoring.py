@@ -111,18 +111,10 @@ def target_logprobs(
     return torch.log_softmax(logits, dim=-1)
 
 
-def target_nll(
-    model: Any,
-    examples: Sequence[Example],
-    layout: str,
-    marks: MarkIds | None,
-    pad_id: int,
-    excluded_ids: Sequence[int] = (),
-    autocast: bool = False,
-    tail_tokens: int = 1,
-) -> torch.Tensor:
-    """Negative log-likelihood of every target token, shape (examples, target_tokens)."""
-    logp = target_logprobs(model, examples, layout, marks, pad_id, excluded_ids, autocast, tail_tokens)
+def target_nll(model: Any, examples: Sequence[Example], *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Negative log-likelihood of every target token, shape (examples, target_tokens); the arguments are
+    :func:`target_logprobs`'s."""
+    logp = target_logprobs(model, examples, *args, **kwargs)
     targets = torch.tensor([e.tgt for e in examples], device=logp.device)
     return -logp.gather(-1, targets[..., None])[..., 0]
 
