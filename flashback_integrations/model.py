@@ -169,11 +169,7 @@ class FlashBackModel:
     @property
     def mark_ids(self) -> MarkIds | None:
         """The marking token ids when the tokenizer has both marks and the model has rows for them."""
-        marks = find_mark_ids(self.tokenizer)
-        rows = self.model.get_input_embeddings().weight.shape[0]
-        if marks is None or max(marks.left, marks.right) >= rows:
-            return None
-        return marks
+        return find_mark_ids(self.tokenizer, self.model)
 
     @property
     def context_window(self) -> int | None:

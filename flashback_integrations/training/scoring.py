@@ -127,11 +127,8 @@ def pad_id_of(tokenizer: Any) -> int:
 
 
 def mark_id_list(tokenizer: Any, model: Any) -> list[int]:
-    marks = find_mark_ids(tokenizer)
-    rows = model.get_input_embeddings().weight.shape[0]
-    if marks is None or max(marks.left, marks.right) >= rows:
-        return []
-    return [marks.left, marks.right]
+    marks = find_mark_ids(tokenizer, model)
+    return [] if marks is None else [marks.left, marks.right]
 
 
 def evaluate_loss(
