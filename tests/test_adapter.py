@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from tiny import HashRetriever, make_model, save_tiny_base
+from tiny import HashRetriever, make_model, save_tiny_adapter, save_tiny_base
 
 from flashback_integrations import (
     AdapterManifest,
@@ -17,7 +16,6 @@ from flashback_integrations import (
     FlashBackModel,
     add_mark_tokens,
     base_fingerprint,
-    save_adapter,
 )
 
 TRAINED = FlashBackConfig(mode="append", stride=4, query_tokens=8, num_passages=1, max_doc_tokens=12, marks=True)
@@ -33,31 +31,9 @@ def base_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def adapter_dir(base_dir, tmp_path_factory):
     """What the trainer will write: LoRA on q/v plus the two trainable mark rows, via PEFT."""
-    fb = FlashBackModel.from_pretrained(str(base_dir))
-    fingerprint = base_fingerprint(fb.model)
-    left, right = add_mark_tokens(fb.model, fb.tokenizer)
-    config = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj"],
-        trainable_token_indices={"embed_tokens": [left, right]},
-    )
-    peft_model = get_peft_model(fb.model, config)
-    torch.manual_seed(0)
-    with torch.no_grad():  # stand-in for training: non-zero LoRA B and new mark rows
-        for p in peft_model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.5)
     path = tmp_path_factory.mktemp("adapter")
-    manifest = AdapterManifest(
-        base_model=str(base_dir),
-        base_fingerprint=fingerprint,
-        flashback_config=TRAINED.to_dict(),
-        mark_token_ids=[left, right],
-    )
-    save_adapter(peft_model, fb.tokenizer, path, manifest)
-    peft_model.eval()
-    expected = FlashBackModel(peft_model, fb.tokenizer).generate(
+    peft_model, tokenizer = save_tiny_adapter(base_dir, path, TRAINED)
+    expected = FlashBackModel(peft_model, tokenizer).generate(
         "The json module",
         HashRetriever(),
         config=TRAINED,

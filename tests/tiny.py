@@ -225,3 +225,34 @@ def save_tiny_tools_model(path, positions: int = 2048) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def save_tiny_adapter(base_dir, path, flashback_config, seed: int = 0, activated: bool = False):
+    """What the trainer writes, without training: LoRA on q/v and the two mark rows (via PEFT), set to
+    non-zero random values; returns the PEFT model (eval mode) and its tokenizer."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from flashback_integrations import AdapterManifest, FlashBackModel, add_mark_tokens, base_fingerprint, save_adapter
+
+    fb = FlashBackModel.from_pretrained(str(base_dir))
+    fingerprint = base_fingerprint(fb.model)
+    left, right = add_mark_tokens(fb.model, fb.tokenizer)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], trainable_token_indices={"embed_tokens": [left, right]}
+    )
+    peft_model = get_peft_model(fb.model, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():  # stand-in for training: non-zero LoRA B and new mark rows
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    manifest = AdapterManifest(
+        base_model=str(base_dir),
+        base_fingerprint=fingerprint,
+        flashback_config=flashback_config.to_dict(),
+        mark_token_ids=[left, right],
+        extra={"activation": "passage"} if activated else {},
+    )
+    save_adapter(peft_model, fb.tokenizer, path, manifest)
+    return peft_model.eval(), fb.tokenizer

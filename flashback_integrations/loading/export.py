@@ -1,0 +1,191 @@
+"""``flashback export``: an adapter merged into its base as a plain checkpoint that other engines load.
+
+A Hugging Face folder (transformers, vLLM, SGLang: no PEFT, no trainable-token layers) and, for
+Llama-family models, a GGUF file (llama.cpp, Ollama). Both carry the two marking tokens in the
+vocabulary, so a server can be given the layout's token ids as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..engine.activation import ACTIVATION_PASSAGE
+from ..engine.layout import MARK_L, MARK_R, find_mark_ids
+from ..errors import ConfigError
+from .adapter import AdapterManifest, check_adapter_dir, load_adapter
+from .resolve import load_pretrained, resolve_model
+from .shipped import shipped_adapter
+
+EXPORT_MANIFEST = "flashback_export.json"
+GGUF_ARCHS = ("llama",)
+"""Architectures whose GGUF tensors and metadata this writer knows (SmolLM2 is one)."""
+_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
+
+
+def _fresh_folder(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} exists and is not an empty folder; choose a new output folder.")
+
+
+def export_hf(model: str = "default", adapter: str | Path | None = None, out: str | Path = "export",
+              dtype: str = "float32") -> Path:  # fmt: skip
+    """Write base + ``adapter`` merged into ``out`` (``"default"`` without an adapter: its shipped append
+    adapter). An activated adapter cannot be merged: its LoRA is on only from the passage on."""
+    import torch
+
+    out = Path(out)
+    _fresh_folder(out)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}.")
+    if adapter is None and model == "default":
+        adapter = shipped_adapter("append")
+    manifest = None
+    if adapter is not None:
+        manifest = AdapterManifest.load(check_adapter_dir(adapter))
+        if manifest is not None and manifest.extra.get("activation") == ACTIVATION_PASSAGE:
+            raise ConfigError(
+                f"{adapter} is an activated adapter (LoRA on from the passage on, for mode='isolated'): merged "
+                "weights would apply it to every token. Export an append or prepend adapter, or keep the torch "
+                "backend for the isolated layout."
+            )
+    source = resolve_model(model)
+    tokenizer = load_pretrained(source, "tokenizer")
+    base = load_pretrained(source, "model", dtype="float32")
+    merged = base
+    if adapter is not None:
+        merged, tokenizer, manifest = load_adapter(base, tokenizer, adapter, merge=True)
+    marks = find_mark_ids(tokenizer, merged)
+    head, embed = merged.get_output_embeddings(), merged.get_input_embeddings()
+    if marks is not None and head is not None and head.weight.data_ptr() != embed.weight.data_ptr():
+        with torch.no_grad():  # an untied head got random rows for the marks at resize: make them plain zeros
+            head.weight[[marks.left, marks.right]] = 0
+    merged = merged.to(getattr(torch, dtype))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        record = {
+            "base_model": model,
+            "adapter": str(adapter) if adapter is not None else None,
+            "flashback_config": manifest.flashback_config if manifest is not None else {},
+            "mark_tokens": [MARK_L, MARK_R] if marks is not None else [],
+            # marks bound passages and are never generated: an engine serving this checkpoint must ban them
+            # (logit_bias -100 in an OpenAI-style request), as the torch engine masks them
+            "never_generate": [marks.left, marks.right] if marks is not None else [],
+            "dtype": dtype,
+        }
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(record, indent=2))
+        if out.exists():
+            out.rmdir()
+        tmp.replace(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _permute(weights: Any, heads: int) -> Any:
+    """Hugging Face's rotary layout -> llama.cpp's (its converter's ``permute``; transformers' GGUF
+    loader reverses exactly this)."""
+    rows = weights.shape[0]
+    return weights.reshape(heads, 2, rows // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def _tokenizer_fields(tokenizer: Any, rows: int) -> dict[str, Any]:
+    """Byte-level BPE vocabulary, merges and token types in GGUF's ``gpt2`` tokenizer model."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    bpe = spec.get("model", {})
+    if bpe.get("type") != "BPE":
+        raise ConfigError(f"GGUF export supports byte-level BPE tokenizers; this one is {bpe.get('type')!r}.")
+    tokens = [f"[PAD{i}]" for i in range(rows)]
+    types = [_TOKEN_USER_DEFINED] * rows
+    for token, i in {**bpe["vocab"], **{t["content"]: t["id"] for t in spec.get("added_tokens", [])}}.items():
+        if i < rows:
+            tokens[i], types[i] = token, _TOKEN_NORMAL
+    for added in spec.get("added_tokens", []):
+        if added["id"] < rows:
+            types[added["id"]] = _TOKEN_CONTROL if added.get("special") else _TOKEN_USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges", [])]
+    return {"tokens": tokens, "types": types, "merges": merges}
+
+
+def export_gguf(
+    hf_dir: str | Path, out_file: str | Path, dtype: str = "float16", pre_tokenizer: str = "smollm"
+) -> Path:
+    """Write the exported Hugging Face folder ``hf_dir`` as one GGUF file (norms in fp32, the rest in
+    ``dtype``). ``pre_tokenizer`` names llama.cpp's pre-tokenizer (SmolLM2's is ``smollm``)."""
+    import gguf
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    hf_dir, out_file = Path(hf_dir), Path(out_file)
+    config = AutoConfig.from_pretrained(hf_dir, trust_remote_code=False)
+    if config.model_type not in GGUF_ARCHS:
+        raise ConfigError(
+            f"GGUF export knows the {', '.join(GGUF_ARCHS)} architecture(s), not {config.model_type!r}; export the "
+            "Hugging Face folder and convert it with llama.cpp's convert_hf_to_gguf.py."
+        )
+    if dtype not in ("float32", "float16"):
+        raise ConfigError(f"GGUF dtype must be float32 or float16, got {dtype!r}.")
+    tokenizer = load_pretrained(str(hf_dir), "tokenizer")
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(hf_dir.glob("*.safetensors")):
+        state.update(load_file(file))
+    rows = state["model.embed_tokens.weight"].shape[0]
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    writer.add_name(hf_dir.name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(rows)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "float16" else gguf.LlamaFileType.ALL_F32)
+    fields = _tokenizer_fields(tokenizer, rows)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer)
+    writer.add_token_list(fields["tokens"])
+    writer.add_token_types(fields["types"])
+    writer.add_token_merges(fields["merges"])
+    for key, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                          ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):  # fmt: skip
+        if token_id is not None:
+            getattr(writer, f"add_{key}_token_id")(token_id)
+    bos = tokenizer.bos_token_id
+    writer.add_add_bos_token(bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+    for name, tensor in state.items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise ConfigError(f"GGUF export: no llama.cpp name for tensor {name!r}.")
+        data = tensor.float()
+        if name.endswith("q_proj.weight"):
+            data = _permute(data, heads)
+        elif name.endswith("k_proj.weight"):
+            data = _permute(data, kv_heads)
+        keep_f32 = dtype == "float32" or data.dim() == 1
+        writer.add_tensor(target, data.numpy().astype(np.float32 if keep_f32 else np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(out_file)
+    return out_file
