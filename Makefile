@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flashback-installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-backends lint install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -ra --nbmake tests examples
+
+# The llama.cpp backend's tests: installs the optional extra (compiles llama.cpp once), then runs them.
+test-backends: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[llamacpp]"
+	$(PY) -m pytest -ra tests/test_llamacpp.py tests/test_export.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

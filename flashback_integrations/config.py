@@ -140,6 +140,10 @@ class LoadSettings:
     device: str | None = setting(None, "cpu | cuda | cuda:N (default: the GPU when there is one).")
     revision: str | None = setting(None, "Hub branch, tag or commit of the model.")
     trust_remote_code: bool = setting(False, "Run the model repository's own code (trusted repositories only).")
+    backend: str = setting(
+        "torch", "torch | llamacpp (a GGUF on llama.cpp: modes none, prepend, append; see `flashback export`)."
+    )
+    gguf: str | None = setting(None, "llamacpp: the GGUF file (default: MODEL/model.gguf, or the default model's).")
     model_kwargs: dict[str, Any] = setting(
         help="More from_pretrained arguments: device_map, quantization_config, attn_implementation "
         "(a JSON object on the command line).",
@@ -153,5 +157,6 @@ class LoadSettings:
             "device": self.device,
             "revision": self.revision,
             "trust_remote_code": self.trust_remote_code,
+            **({"backend": self.backend, "gguf": self.gguf} if self.backend != "torch" else {}),
             **self.model_kwargs,
         }

@@ -11,9 +11,8 @@ from typing import Any
 import torch
 
 from .config import FlashBackConfig
-from .engine.activation import is_activated
+from .engine.backend import BACKENDS, Backend, TorchBackend
 from .engine.constrained import Constraint, Grammar
-from .engine.kv import uses_rotary_positions
 from .engine.layout import MARK_L, MARK_R, MarkIds, block_budget, encode_text, find_mark_ids
 from .engine.loop import GenerationSpec, run, run_rows
 from .engine.passages import DEFAULT_PASSAGE_CACHE_BYTES, PassageKVCache, weights_fingerprint
@@ -53,14 +52,19 @@ class FlashBackModel:
         name: str | None = None,
         adapter_manifest: AdapterManifest | None = None,
         passage_cache_bytes: int = DEFAULT_PASSAGE_CACHE_BYTES,
+        backend: Backend | None = None,
+        generation_config: Any = None,
     ) -> None:
+        """``model`` is a PyTorch causal LM (the torch backend), or None with another ``backend``."""
         self.passage_cache = PassageKVCache(passage_cache_bytes)
         """Isolated mode's passage keys/values, shared by every call on this model (LRU, in bytes)."""
-        self.model = model.eval()
+        self.model = model.eval() if model is not None else None
+        self.backend: Backend = backend or TorchBackend(self.model)
         self.tokenizer = tokenizer
         self.config = config or FlashBackConfig()
-        self.name = name or getattr(model.config, "name_or_path", None) or type(model).__name__
+        self.name = name or getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
         self.adapter_manifest = adapter_manifest
+        self.generation_config = generation_config
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -76,6 +80,8 @@ class FlashBackModel:
         passage_cache_bytes: int = DEFAULT_PASSAGE_CACHE_BYTES,
         revision: str | None = None,
         trust_remote_code: bool = False,
+        backend: str = "torch",
+        gguf: str | Path | None = None,
         **model_kwargs: Any,
     ) -> FlashBackModel:
         """Load ``"default"`` (SmolLM2-135M-Instruct, offline when possible), a hub id or a local path.
@@ -86,8 +92,10 @@ class FlashBackModel:
         ``config.marks is False``. With no ``device`` the GPU is used when there is one (bf16), else the
         CPU (fp32); ``model_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``device_map``,
         ``quantization_config``, ``attn_implementation``, ...). Remote code runs only with
-        ``trust_remote_code=True``.
+        ``trust_remote_code=True``. ``backend="llamacpp"`` runs a GGUF instead (:meth:`from_gguf`).
         """
+        if backend != "torch":
+            return cls._other_backend(name_or_path, adapter, config, backend, gguf)
         model_kwargs = check_model_kwargs(model_kwargs)
         dtype, device = auto_placement(dtype, device, model_kwargs.get("device_map"))
         if revision is not None and (not isinstance(revision, str) or not revision.strip()):
@@ -124,6 +132,43 @@ class FlashBackModel:
             adapter_manifest=manifest,
             passage_cache_bytes=passage_cache_bytes,
         )
+
+    @classmethod
+    def _other_backend(
+        cls, name: str, adapter: str | Path | bool | None, config: FlashBackConfig | None, backend: str, gguf: Any
+    ) -> FlashBackModel:
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend={backend!r} is not one of {BACKENDS}.")
+        bare = adapter is False or (isinstance(adapter, str) and adapter.lower() == "none")
+        if (adapter is not None and not bare) or (name == "default" and not bare):
+            raise ConfigError(
+                "on llama.cpp an adapter runs merged into a GGUF: `flashback export OUT --adapter ADAPTER --gguf` "
+                "(for 'default', `flashback export OUT --gguf` merges its append adapter), then load OUT with "
+                "backend='llamacpp'; or pass adapter='none' for the base model alone."
+            )
+        return cls.from_gguf(name, gguf=gguf, config=config)
+
+    @classmethod
+    def from_gguf(
+        cls,
+        name_or_path: str = "default",
+        gguf: str | Path | None = None,
+        config: FlashBackConfig | None = None,
+        n_threads: int | None = None,
+        n_ctx: int | None = None,
+    ) -> FlashBackModel:
+        """The llama.cpp backend: ``"default"`` (its GGUF, no adapter: modes none, prepend and append
+        without marks) or a folder from ``flashback export OUT --adapter A --gguf`` (the adapter merged, with
+        its marks and layout). Same loop, events and frameworks; no isolated mode, no ``generate_batch``."""
+        from .loading.backends import load_llamacpp
+
+        loaded = load_llamacpp(name_or_path, gguf, n_threads, n_ctx)
+        saved = loaded.pop("config")
+        if config is None:
+            config = saved
+        elif saved is not None and config.mode is None:
+            config = config.replace(mode=saved.mode)
+        return cls(None, config=config, **loaded)
 
     @classmethod
     def shared(
@@ -169,22 +214,16 @@ class FlashBackModel:
     @property
     def mark_ids(self) -> MarkIds | None:
         """The marking token ids when the tokenizer has both marks and the model has rows for them."""
-        return find_mark_ids(self.tokenizer, self.model)
+        return find_mark_ids(self.tokenizer, self.backend.vocab_size)
 
     @property
     def context_window(self) -> int | None:
-        config = self.model.config
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = getattr(config, attr, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
+        return self.backend.context_window
 
     @property
     def eos_ids(self) -> set[int]:
         ids: set[int] = set()
-        gen = getattr(self.model, "generation_config", None)
+        gen = getattr(self.model, "generation_config", None) or self.generation_config
         for source in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
             if isinstance(source, int):
                 ids.add(source)
@@ -202,7 +241,7 @@ class FlashBackModel:
             ids = [int(i) for i in prompt] if all(_is_id(i) for i in prompt) else None
             if ids is None:
                 raise ConfigError("prompt ids must be integers; pass a string or a list of token ids.")
-            rows = self.model.get_input_embeddings().weight.shape[0]
+            rows = self.backend.vocab_size
             bad = [i for i in ids if not 0 <= i < rows]
             if bad:
                 raise ConfigError(f"prompt ids {bad[:5]} are outside this model's vocabulary [0, {rows}).")
@@ -306,19 +345,20 @@ class FlashBackModel:
                 )
             if ignore_eos:
                 raise ConfigError("a grammar ends the output with EOS; it cannot be combined with ignore_eos=True.")
-            Constraint(grammar, self.tokenizer, self.model.get_input_embeddings().weight.shape[0], self.eos_ids)
+            Constraint(grammar, self.tokenizer, self.backend.vocab_size, self.eos_ids)
         if config.retrieves and retriever is None:
             raise ConfigError(
                 f"mode={config.mode!r} needs a retriever (an object with retrieve(query, k) or a "
                 "callable (query, k) -> list[str]); pass one, or use mode='none'."
             )
-        if config.mode == "isolated" and not self._rotary:
+        if config.mode == "isolated" and not self.backend.places_positions:
             raise ConfigError(
-                f"mode='isolated' needs a model with rotary position embeddings (it places passages at "
-                f"negative positions); {self.name!r} ({type(self.model).__name__}) has learned absolute "
-                "positions. Use mode='append', 'prepend' or 'none' with this model."
+                f"mode='isolated' places passages at negative positions, read through rotary position "
+                f"embeddings; {self.name!r} on the {self.backend.name} backend cannot (learned absolute positions, "
+                "or an engine without explicit positions). Use mode='append', 'prepend' or 'none', or the torch "
+                "backend with a rotary model."
             )
-        if config.mode in ("append", "prepend") and is_activated(self.model):
+        if config.mode in ("append", "prepend") and self.backend.activated:
             raise ConfigError(
                 f"this adapter is activated from the passage on (trained for mode='isolated'); mode="
                 f"{config.mode!r} would read its passage with the base model. Use mode='isolated' (or 'none'), "
@@ -355,12 +395,6 @@ class FlashBackModel:
             top_logprobs=top,
         )
 
-    @property
-    def _rotary(self) -> bool:
-        if not hasattr(self, "_rotary_cached"):
-            self._rotary_cached = uses_rotary_positions(self.model)
-        return self._rotary_cached
-
     def stream(
         self, prompt: str | Sequence[int], retriever: RetrieverLike | None = None, **kwargs: Any
     ) -> Iterator[Event]:
@@ -370,7 +404,7 @@ class FlashBackModel:
         first event, so a bad call raises at once.
         """
         spec = self.prepare(prompt, retriever, **kwargs)
-        return run(self.model, self.tokenizer, spec)
+        return run(self.backend, self.tokenizer, spec)
 
     def generate(
         self, prompt: str | Sequence[int], retriever: RetrieverLike | None = None, **kwargs: Any
@@ -401,6 +435,8 @@ class FlashBackModel:
         """
         if not prompts:
             raise ConfigError("generate_batch needs at least one prompt.")
+        if self.model is None:
+            raise ConfigError(f"generate_batch runs batched forwards on the torch backend, not {self.backend.name}.")
         specs = [self.prepare(p, retriever, config=config, max_new_tokens=max_new_tokens) for p in prompts]
         lengths = {len(s.prompt_ids) for s in specs}
         if len(lengths) > 1:

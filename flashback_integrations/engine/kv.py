@@ -26,7 +26,7 @@ from .layout import Span
 from .passages import LayerKV, PassageKVCache, weights_fingerprint
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     if a[:n] == b[:n]:  # the common case (a plain decode step), compared at C speed
         return n
@@ -118,7 +118,7 @@ class FeedStats:
     segment_tokens_computed: int = 0
 
 
-def _as_spans(ctx: Sequence[int] | Sequence[Span]) -> tuple[Span, ...]:
+def as_spans(ctx: Sequence[int] | Sequence[Span]) -> tuple[Span, ...]:
     if ctx and isinstance(ctx[0], Span):
         return tuple(ctx)  # type: ignore[arg-type]
     return (Span(tuple(int(i) for i in ctx)),)  # type: ignore[arg-type]
@@ -136,7 +136,7 @@ def _shared(held: Sequence[Span], new: Sequence[Span]) -> int:
             keep += len(a.ids)
             continue
         if not a.isolated and not b.isolated and a.start == b.start:
-            keep += _common_prefix(a.ids, b.ids)
+            keep += common_prefix(a.ids, b.ids)
         break
     return keep
 
@@ -186,7 +186,7 @@ class KVContext:
 
     def next_logits_rows(self, ctxs: Sequence[Sequence[int] | Sequence[Span]]) -> tuple[torch.Tensor, int, int]:
         """Logits ``[rows, vocab]`` after each context; contexts must have one shape (equal lengths)."""
-        rows = [_as_spans(c) for c in ctxs]
+        rows = [as_spans(c) for c in ctxs]
         if not rows or not rows[0] or not rows[0][-1].ids:
             raise ValueError("cannot compute logits for an empty context")
         shape = _shape(rows[0])

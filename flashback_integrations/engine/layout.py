@@ -23,16 +23,16 @@ class MarkIds:
     right: int
 
 
-def find_mark_ids(tokenizer: Any, model: Any = None) -> MarkIds | None:
+def find_mark_ids(tokenizer: Any, rows: int | None = None) -> MarkIds | None:
     """The one answer to "which marks does this model have": the marking token ids when the tokenizer
-    knows both marks (as whole tokens) and, given a ``model``, its embedding has rows for them."""
+    knows both marks (as whole tokens) and, given the model's vocabulary ``rows``, the model has them."""
     ids = []
     for mark in (MARK_L, MARK_R):
         token_id = tokenizer.convert_tokens_to_ids(mark)
         if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(token_id) != mark:
             return None
         ids.append(token_id)
-    if model is not None and max(ids) >= model.get_input_embeddings().weight.shape[0]:
+    if rows is not None and max(ids) >= rows:
         return None
     return MarkIds(*ids)
 

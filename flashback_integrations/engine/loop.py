@@ -28,6 +28,7 @@ from ..events import (
 )
 from ..retrieval.base import Passage
 from ..retrieval.guard import GuardedRetriever
+from .backend import Backend, CacheContext
 from .constrained import Constraint, Grammar
 from .kv import KVContext
 from .layout import MarkIds, Span, build_spans, find_mark_ids, passage_ids, passage_segments, query_ids, wrap_block
@@ -58,7 +59,7 @@ class GenerationSpec:
     """None: no log-probabilities; n >= 0: each token's log-probability and the n most likely."""
 
 
-def run(model: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:
+def run(backend: Backend, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:
     """Generate token by token in the calling thread, retrieving every ``stride`` tokens."""
     cfg = spec.config
     started = time.perf_counter()
@@ -67,7 +68,7 @@ def run(model: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:
     retrievals: list[Retrieval] = []
     blocks: list[list[int]] = []
     block_step = 0
-    kv = KVContext(model, spec.passage_cache, spec.fingerprint)
+    kv = backend.open(spec.passage_cache, spec.fingerprint)
     text = StreamingText(tokenizer, spec.stop)
     retriever = GuardedRetriever(spec.retrieve, cfg) if cfg.retrieves else None
     generator = None
@@ -84,7 +85,7 @@ def run(model: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:
     logprobs: list[TokenLogprob] | None = [] if spec.top_logprobs is not None else None
     constraint = None
     if spec.grammar is not None:
-        constraint = Constraint(spec.grammar, tokenizer, model.get_input_embeddings().weight.shape[0], spec.eos_ids)
+        constraint = Constraint(spec.grammar, tokenizer, backend.vocab_size, spec.eos_ids)
     try:
         for step in range(spec.max_new_tokens):
             record: Retrieval | None = None
@@ -282,7 +283,7 @@ def _context(
     )
 
 
-def _record_cost(record: Retrieval, kv: KVContext) -> None:
+def _record_cost(record: Retrieval, kv: CacheContext) -> None:
     stats = kv.stats
     record.reused_tokens, record.prefill_tokens = stats.kept, stats.fed
     record.segments_computed, record.segments_reused = stats.segments_computed, stats.segments_reused

@@ -31,17 +31,20 @@ def _fresh_folder(out: Path) -> None:
         raise ConfigError(f"{out} exists and is not an empty folder; choose a new output folder.")
 
 
-def export_hf(model: str = "default", adapter: str | Path | None = None, out: str | Path = "export",
+def export_hf(model: str = "default", adapter: str | Path | bool | None = None, out: str | Path = "export",
               dtype: str = "float32") -> Path:  # fmt: skip
     """Write base + ``adapter`` merged into ``out`` (``"default"`` without an adapter: its shipped append
-    adapter). An activated adapter cannot be merged: its LoRA is on only from the passage on."""
+    adapter; ``"none"``: the base alone). An activated adapter cannot be merged: its LoRA is on only from
+    the passage on."""
     import torch
 
     out = Path(out)
     _fresh_folder(out)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}.")
-    if adapter is None and model == "default":
+    if adapter is False or (isinstance(adapter, str) and adapter.lower() == "none"):
+        adapter = None  # the base alone (e.g. a GGUF of a model without marks)
+    elif adapter is None and model == "default":
         adapter = shipped_adapter("append")
     manifest = None
     if adapter is not None:
@@ -58,7 +61,7 @@ def export_hf(model: str = "default", adapter: str | Path | None = None, out: st
     merged = base
     if adapter is not None:
         merged, tokenizer, manifest = load_adapter(base, tokenizer, adapter, merge=True)
-    marks = find_mark_ids(tokenizer, merged)
+    marks = find_mark_ids(tokenizer, merged.get_input_embeddings().weight.shape[0])
     head, embed = merged.get_output_embeddings(), merged.get_input_embeddings()
     if marks is not None and head is not None and head.weight.data_ptr() != embed.weight.data_ptr():
         with torch.no_grad():  # an untied head got random rows for the marks at resize: make them plain zeros

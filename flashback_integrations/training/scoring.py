@@ -127,7 +127,7 @@ def pad_id_of(tokenizer: Any) -> int:
 
 
 def mark_id_list(tokenizer: Any, model: Any) -> list[int]:
-    marks = find_mark_ids(tokenizer, model)
+    marks = find_mark_ids(tokenizer, model.get_input_embeddings().weight.shape[0])
     return [] if marks is None else [marks.left, marks.right]
 
 

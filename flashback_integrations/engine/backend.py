@@ -1,0 +1,85 @@
+"""What runs the model under the FlashBack loop.
+
+The loop (layout, retrieval schedule, sampling, stop strings, events) is one piece of code; a backend only
+keeps a cache of what it has seen and returns the next-token logits for a context. ``torch`` is the exact
+reference (every mode, the trainer's model); ``llamacpp`` (``engine/llamacpp.py``) runs a GGUF on
+llama.cpp's own KV cache with the same crop-and-re-feed arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from .activation import is_activated
+from .kv import FeedStats, KVContext, uses_rotary_positions
+from .layout import Span
+from .passages import PassageKVCache
+
+BACKENDS = ("torch", "llamacpp")
+
+
+class CacheContext(Protocol):
+    """One generation's view of a backend: logits for a whole context, feeding only what changed."""
+
+    device: torch.device
+    stats: FeedStats
+
+    def next_logits(self, ctx: Sequence[int] | Sequence[Span]) -> tuple[torch.Tensor, int, int]:
+        """Logits ``[vocab]`` after ``ctx``, the number of cached ids kept and the number fed."""
+        ...
+
+
+class Backend(Protocol):
+    name: str
+    vocab_size: int
+    """Rows of the output distribution (tokenizer ids beyond it do not exist for the model)."""
+    context_window: int | None
+    places_positions: bool
+    """Whether tokens can be fed at explicit positions (the isolated layout's passages sit before the text)."""
+    activated: bool
+    """Whether an adapter is on only from the passage on (an activated adapter serves isolated/none only)."""
+
+    def open(self, passages: PassageKVCache | None, fingerprint: Hashable | None) -> CacheContext: ...
+
+
+def context_window_of(config: Any) -> int | None:
+    """A Hugging Face config's context length, whatever the architecture calls it."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+class TorchBackend:
+    """The reference: this process's PyTorch model, exact for every mode."""
+
+    name = "torch"
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    @property
+    def context_window(self) -> int | None:
+        return context_window_of(self.model.config)
+
+    @property
+    def places_positions(self) -> bool:
+        if not hasattr(self, "_rotary"):
+            self._rotary = uses_rotary_positions(self.model)
+        return self._rotary
+
+    @property
+    def activated(self) -> bool:
+        return is_activated(self.model)
+
+    def open(self, passages: PassageKVCache | None, fingerprint: Hashable | None) -> KVContext:
+        return KVContext(self.model, passages, fingerprint)
