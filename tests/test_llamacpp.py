@@ -52,9 +52,12 @@ def test_llamacpp_gives_the_torch_backends_tokens_logits_and_cache_costs(both, m
     got_logits, _, got = _run(cpp, mode)
     assert got.token_ids == want.token_ids
     for a, b in zip(got_logits, want_logits, strict=True):
-        assert torch.allclose(a.float(), b.float(), atol=1e-3)  # fp32 on both, other kernels
-    assert [r.prefill_tokens for r in got.retrievals] == [r.prefill_tokens for r in want.retrievals]
-    assert [r.reused_tokens for r in got.retrievals] == [r.reused_tokens for r in want.retrievals]
+        assert torch.allclose(a.float(), b.float(), atol=1e-2)  # fp32 weights; llama.cpp keeps its KV cache in fp16
+    # after the first retrieval, the same crop and re-feed; the first may reuse an earlier call's prompt
+    assert [r.prefill_tokens for r in got.retrievals[1:]] == [r.prefill_tokens for r in want.retrievals[1:]]
+    assert [r.reused_tokens for r in got.retrievals[1:]] == [r.reused_tokens for r in want.retrievals[1:]]
+    if got.retrievals:
+        assert got.retrievals[0].prefill_tokens <= want.retrievals[0].prefill_tokens
 
 
 def test_a_second_call_reuses_the_first_calls_cache(both) -> None:
@@ -72,9 +75,10 @@ def test_what_llamacpp_cannot_do_is_refused_before_any_work(both, exported, tmp_
         cpp.generate("x", HashRetriever(), config=FlashBackConfig(mode="isolated"))
     with pytest.raises(ConfigError, match="torch backend"):
         cpp.generate_batch(["x", "y"], max_new_tokens=2)
-    bare = export_hf(str(exported), "none", tmp_path / "bare")  # no adapter: no marks in this GGUF...
+    save_tiny_base(tmp_path / "base", seed=3)
+    bare = export_hf(str(tmp_path / "base"), "none", tmp_path / "bare")  # no adapter: no marks in this GGUF...
     export_gguf(bare, bare / "model.gguf", dtype="float32")
-    with pytest.raises(ConfigError, match="marks|tokens"):  # ...so the marked tokenizer does not fit it
+    with pytest.raises(ConfigError, match="not the same model"):  # ...so the marked tokenizer does not fit it
         FlashBackModel.from_gguf(str(exported), gguf=bare / "model.gguf")
 
 

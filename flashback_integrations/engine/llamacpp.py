@@ -14,6 +14,7 @@ import threading
 from collections.abc import Hashable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError
@@ -28,6 +29,9 @@ class LlamaCppBackend:
     activated = False
 
     def __init__(self, llama: Any, context_window: int | None = None) -> None:
+        import llama_cpp
+
+        self.llama_cpp = llama_cpp
         self.llama = llama
         self.vocab_size = int(llama.n_vocab())
         self.context_window = context_window or int(llama.n_ctx())
@@ -57,6 +61,8 @@ class LlamaCppContext:
             keep = min(common_prefix(held, ids), len(ids) - 1)
             llama.n_tokens = keep  # eval() drops llama.cpp's KV cache from here on
             llama.eval(ids[keep:])
-            logits = torch.from_numpy(llama.scores[llama.n_tokens - 1].copy())
+            # the last fed id's logits (llama.cpp computes no others unless logits_all, which costs n_ctx x vocab)
+            row = self.backend.llama_cpp.llama_get_logits_ith(llama.ctx, -1)
+            logits = torch.from_numpy(np.ctypeslib.as_array(row, shape=(self.backend.vocab_size,)).copy())
         self.stats = FeedStats(kept=keep, fed=len(ids) - keep)
         return logits, keep, len(ids) - keep
