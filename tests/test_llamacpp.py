@@ -93,3 +93,21 @@ def test_without_llama_cpp_the_error_says_how_to_install(exported, monkeypatch) 
     monkeypatch.setattr(builtins, "__import__", no_llama)
     with pytest.raises(ConfigError, match=r"\[llamacpp\]"):
         FlashBackModel.from_gguf(str(exported))
+
+
+def test_framework_classes_and_cli_take_the_backend(both, exported) -> None:
+    from typer.testing import CliRunner
+
+    from flashback_integrations.cli import app
+    from flashback_integrations.langchain import FlashBackLLM
+
+    settings = {"model": str(exported), "retriever": HashRetriever(), "max_tokens": 10, "stride": 4, "query_tokens": 8}
+    settings.update(num_passages=1, max_doc_tokens=12)
+    on_cpp = FlashBackLLM(**settings, backend="llamacpp")
+    assert on_cpp.flashback().backend.name == "llamacpp" and on_cpp.flashback_config().mode == "append"
+    assert on_cpp.invoke("The json module dumps") == FlashBackLLM(**settings).invoke("The json module dumps")
+    result = CliRunner().invoke(
+        app, ["generate", "The json module", "--model", str(exported), "--backend", "llamacpp", "--max-new-tokens", "6"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "retrieval @ token 0" in result.output
