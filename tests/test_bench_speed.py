@@ -195,3 +195,24 @@ def test_forward_costs_with_a_longer_tail_feed_stride_plus_tail(tmp_path, monkey
     assert all(n == 4 + 3 for n in isolated[1::2])  # each timed retrieval: the stride's ids and the tail
     (run,) = json.loads((tmp_path / "out" / "t.json").read_text())["runs"]
     assert run["tail_tokens"] == 3
+
+
+def test_summary_compares_backends_side_by_side() -> None:
+    from flashback_integrations.bench.speed import build_cases, summarise
+
+    runs = [
+        {"total_tokens": 512, "mode": m, "backend": b, "median_s": s}
+        for m, b, s in (("append", "torch", 30.0), ("none", "torch", 24.0), ("append", "llamacpp", 15.0),
+                        ("none", "llamacpp", 7.5))
+    ]  # fmt: skip
+    row = summarise(runs)["speedups"]["512"]
+    assert row["append_over_none"] == 1.25 and row["llamacpp_append_over_none"] == 2.0
+    assert row["append_torch_over_llamacpp"] == 2.0 and row["none_torch_over_llamacpp"] == 3.2
+    cases = build_cases("default", "512", "append,none", 16, 128, None, None, 1, 1, "float32", "cpu", "torch,llamacpp")
+    assert [(c.backend, c.mode) for c in cases] == [
+        ("torch", "append"), ("torch", "none"), ("llamacpp", "append"), ("llamacpp", "none")
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="backend"):
+        build_cases("default", "512", "append", 16, 128, None, None, 1, 1, "float32", "cpu", "vllm")
+    with pytest.raises(ValueError, match="llamacpp"):
+        build_cases("default", "512", "isolated", 16, 128, None, None, 1, 1, "float32", "cpu", "llamacpp")

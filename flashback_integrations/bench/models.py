@@ -121,7 +121,7 @@ def parse_lengths(lengths: str) -> list[int]:
     return points
 
 
-def load_model(name: str, dtype: str, device: str):
+def load_model(name: str, dtype: str, device: str, backend: str = "torch"):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -139,17 +139,36 @@ def load_model(name: str, dtype: str, device: str):
             model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
         fill_random(model)
         return FlashBackModel(model.eval(), synthetic_tokenizer(config.vocab_size), name=name)
+    if backend == "llamacpp":
+        return FlashBackModel.from_gguf(gguf_export(name, dtype))
     # merged weights (the append adapter for "default", as before): every mode runs the same kernels and
     # the block carries its marks; an activated adapter's unmerged LoRA is timed apart (bench_activation)
     adapter = shipped_adapter("append") if name == "default" else None
     return FlashBackModel.from_pretrained(name, adapter=adapter or "none", dtype=dtype, device=device)
 
 
+def gguf_export(name: str, dtype: str) -> str:
+    """The folder llama.cpp is timed on: ``name`` when it holds ``model.gguf``; for ``"default"`` its merged
+    append adapter, exported once (in ``dtype``) under $FLASHBACK_HOME/exports."""
+    from ..loading.export import export_gguf, export_hf
+    from ..loading.resolve import flashback_home
+
+    if name != "default":
+        return name
+    out = flashback_home() / "exports" / f"default-append-{dtype}"
+    if not (out / "model.gguf").is_file():
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        export_gguf(export_hf("default", None, out, "float32"), out / "model.gguf", dtype)
+    return str(out)
+
+
 def random_id_source(fb: Any, seed: int) -> Callable[[int], list[int]]:
     """Seeded random input ids that skip every special id (the default model's marks are the highest ids)."""
     import torch
 
-    vocab = min(fb.model.get_input_embeddings().weight.shape[0], len(fb.tokenizer))
+    vocab = min(fb.backend.vocab_size, len(fb.tokenizer))
     special = set(fb.tokenizer.all_special_ids or [])
     allowed = torch.tensor([i for i in range(vocab) if i not in special])
     gen = torch.Generator().manual_seed(seed)

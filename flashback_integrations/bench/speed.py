@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..engine.backend import BACKENDS
 from .models import (
     MODES,
     WARM_POOL,
@@ -48,6 +49,7 @@ class SpeedCase:
     repeats: int = 3
     seed: int = 0
     batch_size: int = 1
+    backend: str = "torch"
 
 
 def run_case(case: SpeedCase, fb: Any = None) -> dict[str, Any]:
@@ -59,7 +61,7 @@ def run_case(case: SpeedCase, fb: Any = None) -> dict[str, Any]:
 
     load_started = time.perf_counter()
     reused = fb is not None
-    fb = fb if reused else load_model(case.model, case.dtype, case.device)
+    fb = fb if reused else load_model(case.model, case.dtype, case.device, case.backend)
     load_s = time.perf_counter() - load_started
     random_ids = random_id_source(fb, case.seed)
 
@@ -170,11 +172,11 @@ class InProcessRunner:
     (``max_memory_allocated`` after a reset), so a process per case would only add start-up time."""
 
     def __init__(self) -> None:
-        self._key: tuple[str, str, str] | None = None
+        self._key: tuple[str, str, str, str] | None = None
         self._fb: Any = None
 
     def __call__(self, case: SpeedCase) -> dict[str, Any]:
-        key = (case.model, case.dtype, case.device)
+        key = (case.model, case.dtype, case.device, case.backend)
         if key != self._key:
             self._key, self._fb = None, None  # free the previous model before loading the next
             started = time.perf_counter()
@@ -188,24 +190,38 @@ class InProcessRunner:
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
-    by_length: dict[int, dict[str, dict[str, Any]]] = {}
+    """Ratios per length: between modes on each backend (keys prefixed by the backend unless torch), and
+    each mode on torch over the same mode on another backend (``append_torch_over_llamacpp``)."""
+    grouped: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
     for r in results:
-        by_length.setdefault(r["total_tokens"], {})[r["mode"]] = r
-    speedups = {}
-    for total, modes in sorted(by_length.items()):
-        row = {}
-        if "prepend" in modes and "append" in modes:
-            row["prepend_over_append"] = round(modes["prepend"]["median_s"] / modes["append"]["median_s"], 2)
-        if "none" in modes and "append" in modes:
-            row["append_over_none"] = round(modes["append"]["median_s"] / modes["none"]["median_s"], 3)
-        for iso in ("isolated", "isolated-warm"):
-            key = iso.replace("-", "_")
-            if iso in modes and "none" in modes:
-                row[f"{key}_over_none"] = round(modes[iso]["median_s"] / modes["none"]["median_s"], 3)
-            if iso in modes and "append" in modes:
-                row[f"append_over_{key}"] = round(modes["append"]["median_s"] / modes[iso]["median_s"], 3)
-        speedups[str(total)] = row
+        grouped.setdefault((r.get("backend", "torch"), r["total_tokens"]), {})[r["mode"]] = r
+    speedups: dict[str, dict[str, float]] = {}
+    for (backend, total), modes in sorted(grouped.items()):
+        prefix = "" if backend == "torch" else f"{backend}_"
+        row = speedups.setdefault(str(total), {})
+        for key, value in _mode_ratios(modes).items():
+            row[prefix + key] = value
+        reference = grouped.get(("torch", total), {})
+        if backend != "torch":
+            for mode, r in modes.items():
+                if mode in reference:
+                    row[f"{mode}_torch_over_{backend}"] = round(reference[mode]["median_s"] / r["median_s"], 2)
     return {"runs": results, "speedups": speedups}
+
+
+def _mode_ratios(modes: dict[str, dict[str, Any]]) -> dict[str, float]:
+    row = {}
+    if "prepend" in modes and "append" in modes:
+        row["prepend_over_append"] = round(modes["prepend"]["median_s"] / modes["append"]["median_s"], 2)
+    if "none" in modes and "append" in modes:
+        row["append_over_none"] = round(modes["append"]["median_s"] / modes["none"]["median_s"], 3)
+    for iso in ("isolated", "isolated-warm"):
+        key = iso.replace("-", "_")
+        if iso in modes and "none" in modes:
+            row[f"{key}_over_none"] = round(modes[iso]["median_s"] / modes["none"]["median_s"], 3)
+        if iso in modes and "append" in modes:
+            row[f"append_over_{key}"] = round(modes["append"]["median_s"] / modes[iso]["median_s"], 3)
+    return row
 
 
 def plot(summary: dict[str, Any], path: Path, title: str) -> None:
@@ -222,13 +238,22 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
         "isolated-warm": f"isolated, warm ({WARM_POOL} passages recur)",
         "none": "plain cached decoding (floor)",
     }
-    for mode in MODES:
-        points = sorted((r["total_tokens"], r["median_s"]) for r in summary["runs"] if r["mode"] == mode)
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o", label=labels[mode])
+    backends = sorted({r.get("backend", "torch") for r in summary["runs"]}, key=lambda b: b != "torch")
+    for backend in backends:
+        for mode in MODES:
+            runs = [r for r in summary["runs"] if r["mode"] == mode and r.get("backend", "torch") == backend]
+            points = sorted((r["total_tokens"], r["median_s"]) for r in runs)
+            if points:
+                label = labels[mode] + ("" if backend == "torch" else f" on {backend}")
+                style = "-" if backend == "torch" else "--"
+                ax.plot(*zip(*points, strict=True), style, marker="o", label=label)
     for total, row in summary["speedups"].items():
         if "prepend_over_append" in row:
-            append = next(r for r in summary["runs"] if r["mode"] == "append" and r["total_tokens"] == int(total))
+            append = next(
+                r
+                for r in summary["runs"]
+                if r["mode"] == "append" and r["total_tokens"] == int(total) and r.get("backend", "torch") == "torch"
+            )
             ax.annotate(
                 f"{row['prepend_over_append']}x",
                 (int(total), append["median_s"]),
@@ -254,16 +279,23 @@ def build_cases(
     batch_size: int,
     dtype: str,
     device: str,
+    backends: str = "torch",
 ) -> list[SpeedCase]:
-    """One case per (length, mode), every setting checked before any process starts."""
+    """One case per (length, backend, mode), every setting checked before any process starts."""
     if batch_size < 1 or repeats < 1:
         raise ValueError(f"--batch-size and --repeats must be at least 1, got {batch_size} and {repeats}")
     names = [m.strip() for m in modes.split(",")]
     check_options(model, dtype, device, names)
     cases = []
+    engines = [b.strip() for b in backends.split(",")]
+    unknown = [b for b in engines if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {unknown}; backends are {', '.join(BACKENDS)}.")
+    if "llamacpp" in engines and ({"isolated", "isolated-warm"} & set(names) or batch_size > 1):
+        raise ValueError("the llamacpp backend times none, prepend and append at batch size 1.")
     for total in parse_lengths(lengths):
         prompt, gen = plan_lengths(total, doc_tokens, prompt_tokens, gen_tokens)
-        for mode in names:
+        for backend, mode in ((b, m) for b in engines for m in names):
             cases.append(
                 SpeedCase(
                     model=model,
@@ -277,6 +309,7 @@ def build_cases(
                     device=device,
                     repeats=repeats,
                     batch_size=batch_size,
+                    backend=backend,
                 )
             )
     return cases

@@ -103,6 +103,9 @@ def bench_speed(
     gen_tokens: GenTokens = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per point (median reported).")] = 3,
     batch_size: Annotated[int, typer.Option(help="Sequences generated together (lockstep batch).")] = 1,
+    backends: Annotated[
+        str, typer.Option(help="Comma-separated: torch, llamacpp (the same cases on each, side by side).")
+    ] = "torch",
     dtype: BenchDtype = "float32",
     device: BenchDevice = "cpu",
     isolate: Annotated[
@@ -130,7 +133,7 @@ def bench_speed(
     settings = {
         "model": model, "lengths": lengths, "modes": modes, "stride": stride, "doc_tokens": doc_tokens,
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeats": repeats, "batch_size": batch_size,
-        "dtype": dtype, "device": device,
+        "dtype": dtype, "device": device, "backends": backends,
     }  # fmt: skip
     try:
         cases = build_cases(**settings)
@@ -160,12 +163,13 @@ def bench_speed(
     plot(summary, out / f"{stem}.png", f"{model} {dtype} on {device}: stride {stride}, doc {doc_tokens}")
     keys = ("median_s", "ms_per_token", "tokens_per_s")
     rows = [
-        [str(r["total_tokens"]), r["mode"], str(r.get("batch_size", 1))]
+        [r.get("backend", "torch"), str(r["total_tokens"]), r["mode"], str(r.get("batch_size", 1))]
         + [f"{r[key]:.2f}" if key == "median_s" else f"{r[key]:.1f}" for key in keys]
         + [str(r["forward_tokens"]), f"{r['peak_memory_mb']:.0f}"]
         for r in results
     ]
     columns = ("T", "mode", "batch", "median s", "ms/step", "tokens/s", "tokens through model", "peak MB")
+    columns = ("backend", *columns)
     _table(f"{model}, {dtype}, {device}", columns, rows)
     for total, row in summary["speedups"].items():
         console.print(f"T={total}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
