@@ -1,1 +1,2 @@
-"""training."""
+"""Training and evaluation: METHOD.md's examples, the PEFT set-up, target-token scoring (shared by the trainer
+and the perplexity rows), pickle-free checkpoints, the trainer and ``flashback eval ppl``."""
