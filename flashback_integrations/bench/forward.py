@@ -240,5 +240,3 @@ def plot_forward_costs(results: list[dict[str, Any]], path: Path, title: str) ->
         )
     ax.set_yscale("log")
     finish_plot(fig, ax, "context length T (tokens)", "ms per forward (median)", title, path)
-
-

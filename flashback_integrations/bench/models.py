@@ -190,4 +190,3 @@ def finish_plot(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: P
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-

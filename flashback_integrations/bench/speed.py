@@ -265,8 +265,6 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     finish_plot(fig, ax, "sequence length T (tokens)", "wall-clock seconds (median)", title, path)
 
 
-
-
 def build_cases(
     model: str,
     lengths: str,
@@ -293,25 +291,13 @@ def build_cases(
         raise ValueError(f"unknown backend(s) {unknown}; backends are {', '.join(BACKENDS)}.")
     if "llamacpp" in engines and ({"isolated", "isolated-warm"} & set(names) or batch_size > 1):
         raise ValueError("the llamacpp backend times none, prepend and append at batch size 1.")
+    shared = {"model": model, "stride": stride, "doc_tokens": doc_tokens, "dtype": dtype, "device": device}
+    shared |= {"repeats": repeats, "batch_size": batch_size}
     for total in parse_lengths(lengths):
         prompt, gen = plan_lengths(total, doc_tokens, prompt_tokens, gen_tokens)
         for backend, mode in ((b, m) for b in engines for m in names):
-            cases.append(
-                SpeedCase(
-                    model=model,
-                    mode=mode,
-                    total_tokens=total,
-                    prompt_tokens=prompt,
-                    gen_tokens=gen,
-                    stride=stride,
-                    doc_tokens=doc_tokens,
-                    dtype=dtype,
-                    device=device,
-                    repeats=repeats,
-                    batch_size=batch_size,
-                    backend=backend,
-                )
-            )
+            sizes = {"total_tokens": total, "prompt_tokens": prompt, "gen_tokens": gen}
+            cases.append(SpeedCase(mode=mode, backend=backend, **sizes, **shared))
     return cases
 
 

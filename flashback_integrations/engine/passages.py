@@ -88,5 +88,3 @@ def weights_fingerprint(model: Any) -> Hashable:
         if hasattr(m, "merged_adapters") and hasattr(m, "disable_adapters")
     )
     return (id(model), hash(params), adapters)
-
-

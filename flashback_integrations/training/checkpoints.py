@@ -140,5 +140,3 @@ def restore_state(
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     version, internal, gauss = record["python_rng"]
     random.setstate((version, tuple(internal), gauss))
-
-

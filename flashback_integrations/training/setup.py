@@ -111,5 +111,3 @@ def load_for_training(model: str, teacher_adapter: str | Path | None = None) -> 
         teacher_base = load_pretrained(source, "model", dtype="float32")
         teacher, _, _ = load_adapter(teacher_base, load_pretrained(source, "tokenizer"), teacher_adapter)
     return base, tokenizer, teacher
-
-
