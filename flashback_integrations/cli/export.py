@@ -16,7 +16,8 @@ def export(
     out: Annotated[Path, typer.Argument(help="Output folder (new or empty).")],
     model: Model = "default",
     adapter: Annotated[
-        str | None, typer.Option(help="Adapter to merge (for 'default': its shipped append adapter; 'none': the base alone).")
+        str | None,
+        typer.Option(help="Adapter to merge (for 'default': its shipped append adapter; 'none': the base alone)."),
     ] = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16: dtype of the saved weights.")] = "float32",
     gguf: Annotated[
