@@ -11,6 +11,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from .config import FlashBackConfig, LoadSettings, help_of
+from .engine.backend import context_window_of
 from .engine.layout import block_budget
 from .engine.sampling import Sampling, validate_logprobs, validate_sampling
 from .errors import ConfigError
@@ -118,12 +119,7 @@ class FlashBackSettings(_Declared):  # type: ignore[misc, valid-type]
             cfg = AutoConfig.from_pretrained(resolve_model(self.model), trust_remote_code=False, **hub)
         except Exception:  # noqa: BLE001 - unreachable here; the call itself checks the window again
             return None
-        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-            value = getattr(cfg, attr, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
+        return context_window_of(cfg)
 
     def prompt_window(self) -> int:
         """Context left to the prompt and the output once the largest retrieval block is placed."""
