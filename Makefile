@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flashback-installed
 
-.PHONY: demo test test-backends lint install clean
+.PHONY: demo test test-backends llama-server lint install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,10 +28,15 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -ra --nbmake tests examples
 
-# The llama.cpp backend's tests: installs the optional extra (compiles llama.cpp once), then runs them.
-test-backends: $(STAMP)
+# The llama.cpp and server backends' tests: installs the optional extra (compiles llama.cpp once) and
+# builds llama.cpp's server into .venv/bin, then runs them.
+test-backends: $(STAMP) llama-server
 	$(PY) -m pip install --quiet -e ".[llamacpp]"
-	$(PY) -m pytest -ra tests/test_llamacpp.py tests/test_export.py
+	$(PY) -m pytest -ra tests/test_llamacpp.py tests/test_export.py tests/test_server_backend.py
+
+# llama.cpp's OpenAI-compatible server (llama-server) in .venv/bin, built from the PyPI sdist's sources.
+llama-server: $(STAMP)
+	PY=$(PY) scripts/build-llama-server.sh
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

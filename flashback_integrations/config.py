@@ -141,14 +141,25 @@ class LoadSettings:
     revision: str | None = setting(None, "Hub branch, tag or commit of the model.")
     trust_remote_code: bool = setting(False, "Run the model repository's own code (trusted repositories only).")
     backend: str = setting(
-        "torch", "torch | llamacpp (a GGUF on llama.cpp: modes none, prepend, append; see `flashback export`)."
+        "torch",
+        "torch | llamacpp (a GGUF on llama.cpp) | openai (a completions server with prefix caching: llama-server, "
+        "vLLM); the last two run modes none, prepend, append (see `flashback export`).",
     )
     gguf: str | None = setting(None, "llamacpp: the GGUF file (default: MODEL/model.gguf, or the default model's).")
+    server_url: str | None = setting(
+        None, "openai: the server's URL, e.g. http://127.0.0.1:8080 (API key: $OPENAI_API_KEY)."
+    )
+    served_model: str | None = setting(None, "openai: the model name on the server (default: the one it serves).")
     model_kwargs: dict[str, Any] = setting(
         help="More from_pretrained arguments: device_map, quantization_config, attn_implementation "
         "(a JSON object on the command line).",
         factory=dict,
     )
+
+    def _where(self) -> dict[str, Any]:
+        if self.backend == "openai":
+            return {"server_url": self.server_url, "served_model": self.served_model}
+        return {"gguf": self.gguf}
 
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``FlashBackModel.shared``/``from_pretrained`` besides model and adapter."""
@@ -157,6 +168,6 @@ class LoadSettings:
             "device": self.device,
             "revision": self.revision,
             "trust_remote_code": self.trust_remote_code,
-            **({"backend": self.backend, "gguf": self.gguf} if self.backend != "torch" else {}),
+            **({"backend": self.backend, **self._where()} if self.backend != "torch" else {}),
             **self.model_kwargs,
         }

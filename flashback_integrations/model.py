@@ -11,11 +11,12 @@ from typing import Any
 import torch
 
 from .config import FlashBackConfig
-from .engine.backend import BACKENDS, Backend, TorchBackend
+from .engine.backend import Backend, TorchBackend, check_backend
 from .engine.constrained import Constraint, Grammar
 from .engine.layout import MARK_L, MARK_R, MarkIds, block_budget, encode_text, find_mark_ids
 from .engine.loop import GenerationSpec, run, run_rows
 from .engine.passages import DEFAULT_PASSAGE_CACHE_BYTES, PassageKVCache, weights_fingerprint
+from .engine.pool import DEFAULT_CONTEXT_POOL_BYTES
 from .engine.sampling import Sampling, validate_logprobs, validate_sampling
 from .errors import ConfigError, ContextWindowError, MarksUnavailableError
 from .events import Event, FlashBackCallback, GenerationResult, final_result
@@ -54,12 +55,14 @@ class FlashBackModel:
         passage_cache_bytes: int = DEFAULT_PASSAGE_CACHE_BYTES,
         backend: Backend | None = None,
         generation_config: Any = None,
+        context_cache_bytes: int = DEFAULT_CONTEXT_POOL_BYTES,
     ) -> None:
-        """``model`` is a PyTorch causal LM (the torch backend), or None with another ``backend``."""
+        """``model`` is a PyTorch causal LM (the torch backend), or None with another ``backend``.
+        ``context_cache_bytes`` bounds the finished calls' caches kept for the next call (0 = none)."""
         self.passage_cache = PassageKVCache(passage_cache_bytes)
         """Isolated mode's passage keys/values, shared by every call on this model (LRU, in bytes)."""
         self.model = model.eval() if model is not None else None
-        self.backend: Backend = backend or TorchBackend(self.model)
+        self.backend: Backend = backend or TorchBackend(self.model, context_cache_bytes)
         self.tokenizer = tokenizer
         self.config = config or FlashBackConfig()
         self.name = name or getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
@@ -78,10 +81,13 @@ class FlashBackModel:
         merge_adapter: bool = True,
         check_adapter_base: bool = True,
         passage_cache_bytes: int = DEFAULT_PASSAGE_CACHE_BYTES,
+        context_cache_bytes: int = DEFAULT_CONTEXT_POOL_BYTES,
         revision: str | None = None,
         trust_remote_code: bool = False,
         backend: str = "torch",
         gguf: str | Path | None = None,
+        server_url: str | None = None,
+        served_model: str | None = None,
         **model_kwargs: Any,
     ) -> FlashBackModel:
         """Load ``"default"`` (SmolLM2-135M-Instruct, offline when possible), a hub id or a local path.
@@ -92,10 +98,14 @@ class FlashBackModel:
         ``config.marks is False``. With no ``device`` the GPU is used when there is one (bf16), else the
         CPU (fp32); ``model_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``device_map``,
         ``quantization_config``, ``attn_implementation``, ...). Remote code runs only with
-        ``trust_remote_code=True``. ``backend="llamacpp"`` runs a GGUF instead (:meth:`from_gguf`).
+        ``trust_remote_code=True``. ``backend="llamacpp"`` runs a GGUF instead (:meth:`from_gguf`),
+        ``backend="openai"`` a completions server at ``server_url`` (:meth:`from_server`).
         """
         if backend != "torch":
-            return cls._other_backend(name_or_path, adapter, config, backend, gguf)
+            from .loading.backends import load_backend
+
+            where = {"gguf": gguf, "server_url": server_url, "served_model": served_model}
+            return cls._with_saved(load_backend(name_or_path, adapter, backend, **where), config)
         model_kwargs = check_model_kwargs(model_kwargs)
         dtype, device = auto_placement(dtype, device, model_kwargs.get("device_map"))
         if revision is not None and (not isinstance(revision, str) or not revision.strip()):
@@ -131,22 +141,8 @@ class FlashBackModel:
             name=name_or_path,
             adapter_manifest=manifest,
             passage_cache_bytes=passage_cache_bytes,
+            context_cache_bytes=context_cache_bytes,
         )
-
-    @classmethod
-    def _other_backend(
-        cls, name: str, adapter: str | Path | bool | None, config: FlashBackConfig | None, backend: str, gguf: Any
-    ) -> FlashBackModel:
-        if backend not in BACKENDS:
-            raise ConfigError(f"backend={backend!r} is not one of {BACKENDS}.")
-        bare = adapter is False or (isinstance(adapter, str) and adapter.lower() == "none")
-        if (adapter is not None and not bare) or (name == "default" and not bare):
-            raise ConfigError(
-                "on llama.cpp an adapter runs merged into a GGUF: `flashback export OUT --adapter ADAPTER --gguf` "
-                "(for 'default', `flashback export OUT --gguf` merges its append adapter), then load OUT with "
-                "backend='llamacpp'; or pass adapter='none' for the base model alone."
-            )
-        return cls.from_gguf(name, gguf=gguf, config=config)
 
     @classmethod
     def from_gguf(
@@ -162,7 +158,27 @@ class FlashBackModel:
         its marks and layout). Same loop, events and frameworks; no isolated mode, no ``generate_batch``."""
         from .loading.backends import load_llamacpp
 
-        loaded = load_llamacpp(name_or_path, gguf, n_threads, n_ctx)
+        return cls._with_saved(load_llamacpp(name_or_path, gguf, n_threads, n_ctx), config)
+
+    @classmethod
+    def from_server(
+        cls,
+        name_or_path: str = "default",
+        server_url: str = "http://127.0.0.1:8080",
+        served_model: str | None = None,
+        config: FlashBackConfig | None = None,
+        api_key: str | None = None,
+    ) -> FlashBackModel:
+        """The server backend: an OpenAI-compatible completions server (llama.cpp's ``llama-server``, vLLM,
+        SGLang) serving ``name_or_path`` (``"default"``'s base model, or a ``flashback export`` folder whose
+        checkpoint or GGUF the server loaded). One streamed request per stride; the server's prefix cache
+        keeps the text before the block. Modes none, prepend, append; the server samples."""
+        from .loading.backends import load_server
+
+        return cls._with_saved(load_server(name_or_path, server_url, served_model, api_key), config)
+
+    @classmethod
+    def _with_saved(cls, loaded: dict[str, Any], config: FlashBackConfig | None) -> FlashBackModel:
         saved = loaded.pop("config")
         if config is None:
             config = saved
@@ -351,20 +367,7 @@ class FlashBackModel:
                 f"mode={config.mode!r} needs a retriever (an object with retrieve(query, k) or a "
                 "callable (query, k) -> list[str]); pass one, or use mode='none'."
             )
-        if config.mode == "isolated" and not self.backend.places_positions:
-            raise ConfigError(
-                f"mode='isolated' places passages at negative positions, read through rotary position "
-                f"embeddings; {self.name!r} on the {self.backend.name} backend cannot (learned absolute positions, "
-                "or an engine without explicit positions). Use mode='append', 'prepend' or 'none', or the torch "
-                "backend with a rotary model."
-            )
-        if config.mode in ("append", "prepend") and self.backend.activated:
-            raise ConfigError(
-                f"this adapter is activated from the passage on (trained for mode='isolated'); mode="
-                f"{config.mode!r} would read its passage with the base model. Use mode='isolated' (or 'none'), "
-                "or load an adapter trained for this mode (for the default model: "
-                f"FlashBackModel.from_pretrained('default', config=FlashBackConfig(mode={config.mode!r})))."
-            )
+        check_backend(self.backend, config, self.name, grammar is not None, output_logits, top is not None)
         marks = self._marks_for(config)
         prompt_ids = self.encode(prompt)
         window = self.context_window

@@ -3,6 +3,8 @@ shapes of public models, and seeded random ids; checked before any process start
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -141,10 +143,20 @@ def load_model(name: str, dtype: str, device: str, backend: str = "torch"):
         return FlashBackModel(model.eval(), synthetic_tokenizer(config.vocab_size), name=name)
     if backend == "llamacpp":
         return FlashBackModel.from_gguf(gguf_export(name, dtype))
+    if backend == "openai":  # llama.cpp's server on the same GGUF, for this process's life
+        from .servers import llama_server
+
+        folder = gguf_export(name, dtype)
+        url = _SERVERS.enter_context(llama_server(Path(folder) / "model.gguf", n_ctx=8192))
+        return FlashBackModel.from_server(folder, url)
     # merged weights (the append adapter for "default", as before): every mode runs the same kernels and
     # the block carries its marks; an activated adapter's unmerged LoRA is timed apart (bench_activation)
     adapter = shipped_adapter("append") if name == "default" else None
     return FlashBackModel.from_pretrained(name, adapter=adapter or "none", dtype=dtype, device=device)
+
+
+_SERVERS = contextlib.ExitStack()
+atexit.register(_SERVERS.close)
 
 
 def gguf_export(name: str, dtype: str) -> str:

@@ -105,10 +105,13 @@ def run_case(case: SpeedCase, fb: Any = None) -> dict[str, Any]:
     sampler = _RssSampler() if not cuda else contextlib.nullcontext(None)
     times: list[float] = []
     forwarded = 0
+    server = getattr(fb.backend, "stats", None)
+    sent_before = len(server.per_request) if server is not None else 0
     with sampler:
         for _ in range(case.repeats):
             seconds, forwarded = once(case.gen_tokens)
             times.append(seconds)
+    cache_use = _server_cache_use(case, server.per_request[sent_before:]) if server is not None else {}
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else sampler.peak_mb  # type: ignore[union-attr]
     return {
         **asdict(case),
@@ -125,6 +128,22 @@ def run_case(case: SpeedCase, fb: Any = None) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "load_s": round(load_s, 2),
         "model_reused": reused,
+        **cache_use,
+    }
+
+
+def _server_cache_use(case: SpeedCase, requests: list[tuple[int, int]]) -> dict[str, Any]:
+    """Prompt tokens the server took from its prefix cache, as it reported them: per retrieval cycle (every
+    request of a generation but its first, whose prompt is new) and in all."""
+    per_generation = -(-case.gen_tokens // case.stride) if case.mode != "none" else 1
+    cycles = [r for i, r in enumerate(requests) if i % per_generation != 0]
+    shares = [cached / sent for sent, cached in cycles if sent]
+    return {
+        "server_requests": len(requests),
+        "server_prompt_tokens": sum(s for s, _ in requests),
+        "server_cached_tokens": sum(c for _, c in requests),
+        "cached_share_per_cycle_median": round(statistics.median(shares), 4) if shares else None,
+        "cached_share_per_cycle_min": round(min(shares), 4) if shares else None,
     }
 
 
@@ -289,8 +308,8 @@ def build_cases(
     unknown = [b for b in engines if b not in BACKENDS]
     if unknown:
         raise ValueError(f"unknown backend(s) {unknown}; backends are {', '.join(BACKENDS)}.")
-    if "llamacpp" in engines and ({"isolated", "isolated-warm"} & set(names) or batch_size > 1):
-        raise ValueError("the llamacpp backend times none, prepend and append at batch size 1.")
+    if {"llamacpp", "openai"} & set(engines) and ({"isolated", "isolated-warm"} & set(names) or batch_size > 1):
+        raise ValueError("the llamacpp and openai backends time none, prepend and append at batch size 1.")
     shared = {"model": model, "stride": stride, "doc_tokens": doc_tokens, "dtype": dtype, "device": device}
     shared |= {"repeats": repeats, "batch_size": batch_size}
     for total in parse_lengths(lengths):

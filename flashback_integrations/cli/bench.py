@@ -104,7 +104,11 @@ def bench_speed(
     repeats: Annotated[int, typer.Option(help="Timed runs per point (median reported).")] = 3,
     batch_size: Annotated[int, typer.Option(help="Sequences generated together (lockstep batch).")] = 1,
     backends: Annotated[
-        str, typer.Option(help="Comma-separated: torch, llamacpp (the same cases on each, side by side).")
+        str,
+        typer.Option(
+            help="Comma-separated: torch, llamacpp, openai (llama.cpp's server on the same GGUF, started here, "
+            "with its prefix-cache hits per retrieval): the same cases on each, side by side."
+        ),
     ] = "torch",
     dtype: BenchDtype = "float32",
     device: BenchDevice = "cpu",
@@ -145,13 +149,18 @@ def bench_speed(
         task = progress.add_task("timing", total=len(cases))
 
         def report(case: Any, r: dict[str, Any] | None, seconds: float | None) -> None:
-            where = f"{case.mode} T={case.total_tokens}"
+            where = f"{case.backend} {case.mode} T={case.total_tokens}"
             if seconds is None:
                 progress.console.print(f"{where}: kept from {stem}.partial.json")
             else:  # one line per case as it finishes, so a run cut short still reports
                 progress.console.print(
                     f"{where}: median {r['median_s']:.2f} s, {r['ms_per_token']:.1f} ms/token, peak "
                     f"{r['peak_memory_mb']:.0f} MB (case took {seconds:.1f} s with start-up)"
+                    + (
+                        f"; server cache served {r['cached_share_per_cycle_median']:.1%} of each cycle's prompt"
+                        if r.get("cached_share_per_cycle_median") is not None
+                        else ""
+                    )
                 )
             progress.advance(task)
 
@@ -173,6 +182,49 @@ def bench_speed(
     _table(f"{model}, {dtype}, {device}", columns, rows)
     for total, row in summary["speedups"].items():
         console.print(f"T={total}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    console.print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+
+
+@bench_app.command("turns")
+def bench_turns(
+    model: BenchModel = "default",
+    backends: Annotated[str, typer.Option(help="Comma-separated: torch, llamacpp, openai.")] = "torch",
+    mode: Annotated[str, typer.Option(help="none | append | prepend (every backend).")] = "append",
+    turns: Annotated[int, typer.Option(help="Turns of the conversation.")] = 5,
+    message_tokens: Annotated[int, typer.Option(help="Tokens of each user message (random words).")] = 96,
+    answer_tokens: Annotated[int, typer.Option(help="Tokens generated per turn.")] = 32,
+    dtype: BenchDtype = "float32",
+    seed: Annotated[int, typer.Option(help="Random messages and passages.")] = 0,
+    out: Out = Path("benchmarks/results"),
+    stem: Stem = "turns_cpu",
+) -> None:
+    """Time to first token per turn of a chat that re-sends its history: reuse across calls (JSON + PNG)."""
+    from ..bench.turns import plot_turns, run_turns
+
+    if turns < 1 or message_tokens < 1 or answer_tokens < 1:
+        raise fail("--turns, --message-tokens and --answer-tokens must be at least 1.")
+    settings = {
+        "model": model, "mode": mode, "turns": turns, "message_tokens": message_tokens,
+        "answer_tokens": answer_tokens, "dtype": dtype, "seed": seed,
+    }  # fmt: skip
+    results = []
+    for backend in [b.strip() for b in backends.split(",")]:
+        console.print(f"{backend}: {turns} turns ...")
+        try:
+            results.append(run_turns(backend=backend, **settings))
+        except (ValueError, RuntimeError) as exc:
+            raise fail(exc) from exc
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"runs": results, "command": _command("turns", {**settings, "backends": backends})}
+    (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+    plot_turns(results, out / f"{stem}.png", f"{model} {dtype}: chat re-sent each turn, mode {mode}")
+    columns = ("backend", *(f"turn {i}" for i in range(1, turns + 1)), "last turn cold", "warm/cold")
+    rows = [
+        [r["backend"], *(f"{row['ttft_s'] * 1000:.0f} ms" for row in r["turns"])]
+        + [f"{r['last_turn_cold_ttft_s'] * 1000:.0f} ms", f"{r['last_turn_warm_over_cold']:.2f}x"]
+        for r in results
+    ]
+    _table(f"time to first token, {model}, mode {mode}", columns, rows, first_left=True)
     console.print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
 
 

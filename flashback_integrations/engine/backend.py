@@ -3,7 +3,8 @@
 The loop (layout, retrieval schedule, sampling, stop strings, events) is one piece of code; a backend only
 keeps a cache of what it has seen and returns the next-token logits for a context. ``torch`` is the exact
 reference (every mode, the trainer's model); ``llamacpp`` (``engine/llamacpp.py``) runs a GGUF on
-llama.cpp's own KV cache with the same crop-and-re-feed arithmetic.
+llama.cpp's own KV cache with the same crop-and-re-feed arithmetic; ``openai`` (``engine/server.py``) sends
+each stride to a completions server whose prefix cache does the reuse, and samples there.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from typing import Any, Protocol
 
 import torch
 
+from ..config import FlashBackConfig
+from ..errors import ConfigError
 from .activation import is_activated
 from .kv import FeedStats, KVContext, uses_rotary_positions
 from .layout import Span
 from .passages import PassageKVCache
+from .pool import DEFAULT_CONTEXT_POOL_BYTES, ContextPool
 
-BACKENDS = ("torch", "llamacpp")
+BACKENDS = ("torch", "llamacpp", "openai")
 
 
 class CacheContext(Protocol):
@@ -45,6 +49,32 @@ class Backend(Protocol):
     def open(self, passages: PassageKVCache | None, fingerprint: Hashable | None) -> CacheContext: ...
 
 
+def check_backend(
+    backend: Backend, config: FlashBackConfig, name: str, grammar: bool, output_logits: bool, logprobs: bool
+) -> None:
+    """Refuse, before any work, what this backend cannot do for this call."""
+    if config.mode == "isolated" and not backend.places_positions:
+        raise ConfigError(
+            f"mode='isolated' places passages at negative positions, read through rotary position "
+            f"embeddings; {name!r} on the {backend.name} backend cannot (learned absolute positions, "
+            "or an engine without explicit positions). Use mode='append', 'prepend' or 'none', or the torch "
+            "backend with a rotary model."
+        )
+    if config.mode in ("append", "prepend") and backend.activated:
+        raise ConfigError(
+            f"this adapter is activated from the passage on (trained for mode='isolated'); mode="
+            f"{config.mode!r} would read its passage with the base model. Use mode='isolated' (or 'none'), "
+            "or load an adapter trained for this mode (for the default model: "
+            f"FlashBackModel.from_pretrained('default', config=FlashBackConfig(mode={config.mode!r})))."
+        )
+    asked = {"grammar": grammar, "output_logits": output_logits, "logprobs": logprobs}
+    if getattr(backend, "samples_remotely", False) and any(asked.values()):
+        raise ConfigError(
+            f"{', '.join(k for k, v in asked.items() if v)}: not on the {backend.name} backend, where the server "
+            "samples each stride; use the torch or llamacpp backend for them."
+        )
+
+
 def context_window_of(config: Any) -> int | None:
     """A Hugging Face config's context length, whatever the architecture calls it."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -60,8 +90,10 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, context_cache_bytes: int = DEFAULT_CONTEXT_POOL_BYTES) -> None:
         self.model = model
+        self.pool = ContextPool(context_cache_bytes)
+        """Finished generations' caches, for the next call that shares their prefix (a chat's next turn)."""
 
     @property
     def vocab_size(self) -> int:
@@ -82,4 +114,4 @@ class TorchBackend:
         return is_activated(self.model)
 
     def open(self, passages: PassageKVCache | None, fingerprint: Hashable | None) -> KVContext:
-        return KVContext(self.model, passages, fingerprint)
+        return KVContext(self.model, passages, fingerprint, self.pool)

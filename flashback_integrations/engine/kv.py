@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from .activation import is_activated, lora_gate
 from .layout import Span
 from .passages import LayerKV, PassageKVCache, weights_fingerprint
+from .pool import ContextPool, PooledCache, cache_bytes
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -155,7 +156,13 @@ class KVContext:
     shortest prefix any row shares with what it holds.
     """
 
-    def __init__(self, model: Any, passages: PassageKVCache | None = None, fingerprint: Hashable | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        passages: PassageKVCache | None = None,
+        fingerprint: Hashable | None = None,
+        pool: ContextPool | None = None,
+    ) -> None:
         import inspect
 
         self.model = model
@@ -166,6 +173,8 @@ class KVContext:
         self.fingerprint = fingerprint if fingerprint is not None or passages is None else weights_fingerprint(model)
         self.stats = FeedStats()
         self._displaced: tuple[int, int, int] | None = None
+        self.pool = pool if pool is not None and pool.max_bytes > 0 else None
+        self._weights: Hashable | None = None
         self._merge = takes_custom_masks(model)
         self._gated = is_activated(model)  # LoRA from the passage on: each forward says where it is on
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -196,6 +205,8 @@ class KVContext:
         if rows[0][-1].isolated:
             raise ValueError("a context must end in a causal span (the tokens that predict)")
         width = sum(n for n, *_ in shape)
+        if not self.rows and self.pool is not None and len(rows) == 1:
+            self._adopt(rows[0])
         keep = (
             0
             if len(self.rows) != len(rows)
@@ -232,6 +243,21 @@ class KVContext:
         self.stats = stats
         assert logits is not None  # the last span is causal and feeds at least one token
         return logits, keep, stats.fed
+
+    def _adopt(self, row: tuple[Span, ...]) -> None:
+        """Start from the pooled cache (an earlier call's) that shares the most with ``row``."""
+        self._weights = weights_fingerprint(self.model)
+        found = self.pool.take(self._weights, row, _shared) if self.pool is not None else None
+        if found is not None:
+            self.cache, self.rows, self._displaced = found.cache, [found.rows], found.displaced
+
+    def close(self) -> None:
+        """The generation is over: leave its cache to the next call (single-row contexts only)."""
+        if self.pool is not None and len(self.rows) == 1 and self.cache.get_seq_length() > 0:
+            weights = self._weights if self._weights is not None else weights_fingerprint(self.model)
+            entry = PooledCache(weights, self.rows[0], self.cache, self._displaced, cache_bytes(self.cache))
+            self.rows, self.cache = [], _RoomyCache()
+            self.pool.put(entry)
 
     def _feed_retrieval(self, rows: list[tuple[Span, ...]], i: int, skip: int, stats: FeedStats) -> torch.Tensor:
         """Head rest (span ``i`` from ``skip``), segments, tail in ONE forward with a 4D mask.

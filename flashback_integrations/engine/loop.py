@@ -61,6 +61,9 @@ class GenerationSpec:
 
 def run(backend: Backend, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:
     """Generate token by token in the calling thread, retrieving every ``stride`` tokens."""
+    if getattr(backend, "samples_remotely", False):
+        yield from _run_strides(backend, tokenizer, spec)
+        return
     cfg = spec.config
     started = time.perf_counter()
     prompt = spec.prompt_ids
@@ -115,22 +118,99 @@ def run(backend: Backend, tokenizer: Any, spec: GenerationSpec) -> Iterator[Even
             scored = _logprob(model_logits, token, spec.top_logprobs) if logprobs is not None else None
             if scored is not None:
                 logprobs.append(scored)
-            generated.append(token)
-            is_eos = token in spec.eos_ids
-            delta = "" if is_eos else text.add(token)
-            if is_eos:
-                finish = "eos"
-            elif text.stopped:
-                finish = "stop"
-            last = finish != "length" or step == spec.max_new_tokens - 1
-            if last:
-                delta += text.finish()  # release what was held back for a possible stop string
+            delta, finish, last = _take(token, spec, text, generated)
             event = TokenEvent(step=step, token_id=token, text=delta, logits=raw, logprob=scored)
             for cb in spec.callbacks:
                 cb.on_token(event)
             yield event
             if last:
                 break
+    finally:
+        if retriever is not None:
+            retriever.close()
+        if hasattr(kv, "close"):
+            kv.close()  # its cache goes to the next call (the torch backend's pool)
+    yield FinishEvent(
+        GenerationResult(
+            text=text.text,
+            token_ids=generated,
+            retrievals=retrievals,
+            finish_reason=finish,  # type: ignore[arg-type]
+            prompt_tokens=len(prompt),
+            forward_tokens=fed_total,
+            elapsed_s=time.perf_counter() - started,
+            logprobs=logprobs,
+        )
+    )
+
+
+def _take(token: int, spec: GenerationSpec, text: StreamingText, generated: list[int]) -> tuple[str, str, bool]:
+    """Append one chosen id: the text it makes visible, the finish reason so far, whether it is the last."""
+    generated.append(token)
+    is_eos = token in spec.eos_ids
+    delta = "" if is_eos else text.add(token)
+    finish = "eos" if is_eos else "stop" if text.stopped else "length"
+    last = finish != "length" or len(generated) == spec.max_new_tokens
+    if last:
+        delta += text.finish()  # release what was held back for a possible stop string
+    return delta, finish, last
+
+
+def _run_strides(backend: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:
+    """The same schedule on a backend that samples for itself (a server): one request per stride, whose
+    context is the layout's at the retrieval; the tokens of the stride only extend it, as in :func:`run`."""
+    cfg = spec.config
+    started = time.perf_counter()
+    prompt = spec.prompt_ids
+    generated: list[int] = []
+    retrievals: list[Retrieval] = []
+    blocks: list[list[int]] = []
+    text = StreamingText(tokenizer, spec.stop)
+    retriever = GuardedRetriever(spec.retrieve, cfg) if cfg.retrieves else None
+    known = spec.marks or find_mark_ids(tokenizer)
+    banned = [known.left, known.right] if known else []
+    stride = cfg.stride if retriever is not None else spec.max_new_tokens
+    finish = "length"
+    fed_total = 0
+    try:
+        while len(generated) < spec.max_new_tokens and finish == "length":
+            step = len(generated)
+            record: Retrieval | None = None
+            if retriever is not None:
+                record, blocks = _retrieve(spec, tokenizer, retriever, prompt, generated, step)
+            (span,) = _context(cfg, prompt, generated, step, blocks, tokenizer.bos_token_id)
+            want = min(stride, spec.max_new_tokens - step)
+            got, cached = 0, None
+            chunks = backend.complete(span.ids, want, spec.sampling, banned, ignore_eos=not spec.eos_ids)
+            try:
+                for chunk in chunks:
+                    cached = chunk.cached_tokens if cached is None else cached
+                    if record is not None and (chunk.token_ids or chunk.finish_reason):
+                        if cached is not None:  # what the server's prefix cache kept, as it reports it
+                            record.reused_tokens, record.prefill_tokens = cached, len(span.ids) - cached
+                        retrievals.append(record)
+                        for cb in spec.callbacks:
+                            cb.on_retrieval_end(record)
+                        yield RetrievalEvent(record)
+                        record = None
+                    for token in chunk.token_ids:
+                        got += 1
+                        delta, finish, last = _take(token, spec, text, generated)
+                        event = TokenEvent(step=len(generated) - 1, token_id=token, text=delta)
+                        for cb in spec.callbacks:
+                            cb.on_token(event)
+                        yield event
+                        if finish != "length":
+                            break
+                    if finish == "length" and chunk.finish_reason == "stop":
+                        finish = "eos"  # the server met an end-of-generation id
+                    if finish != "length":
+                        break
+            finally:
+                chunks.close()  # a stop string ends the request on the server too
+            fed_total += len(span.ids) - (cached or 0) + max(0, got - 1)  # prompt fed, then a decode per token
+            if finish == "length" and got < want and len(generated) < spec.max_new_tokens:
+                raise RetrievalError(f"the server returned {got} of the {want} tokens asked for, without a reason.")
     finally:
         if retriever is not None:
             retriever.close()
@@ -143,7 +223,6 @@ def run(backend: Backend, tokenizer: Any, spec: GenerationSpec) -> Iterator[Even
             prompt_tokens=len(prompt),
             forward_tokens=fed_total,
             elapsed_s=time.perf_counter() - started,
-            logprobs=logprobs,
         )
     )
 

