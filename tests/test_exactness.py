@@ -23,7 +23,8 @@ QUERY_TOKENS = 8
 @pytest.fixture(scope="module", params=ARCHS)
 def arch_model(request) -> FlashBackModel:
     model, tok = make_model(request.param, marks=True, seed=1)
-    return FlashBackModel(model, tok, name=f"tiny-{request.param}")
+    # one call's own cache arithmetic, counted from cold: no reuse across calls (that is test_context_pool.py)
+    return FlashBackModel(model, tok, name=f"tiny-{request.param}", context_cache_bytes=0)
 
 
 def doc_ids(tok, texts: list[str]) -> list[int]:

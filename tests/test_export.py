@@ -68,6 +68,13 @@ def test_gguf_export_reads_back_with_the_same_logits_and_tokens(base_and_adapter
     loaded16 = AutoModelForCausalLM.from_pretrained(half.parent, gguf_file=half.name, dtype=torch.float32)
     with torch.no_grad():
         assert torch.allclose(loaded16(torch.tensor([ids])).logits, loaded(torch.tensor([ids])).logits, atol=1e-2)
+    q8 = export_gguf(out, tmp_path / "gguf8" / "model.gguf", dtype="q8_0")  # llama.cpp's 8-bit blocks
+    assert q8.stat().st_size < 0.6 * path.stat().st_size
+    loaded8 = AutoModelForCausalLM.from_pretrained(q8.parent, gguf_file=q8.name, dtype=torch.float32)
+    with torch.no_grad():
+        full, eight = loaded(torch.tensor([ids])).logits, loaded8(torch.tensor([ids])).logits
+    error = (eight - full).abs()  # 8-bit blocks of 32 weights: close, further than fp16
+    assert error.mean() < 0.03 * full.std() and error.max() < 0.25 * full.std()
 
 
 def test_export_refuses_what_it_cannot_write(base_and_adapter, tmp_path) -> None:

@@ -25,7 +25,8 @@ PROMPT = "The json module encodes Python objects"
 @pytest.fixture(scope="module", params=ROPE_ARCHS)
 def fb(request) -> FlashBackModel:
     model, tok = make_model(request.param, marks=True, seed=2)
-    return FlashBackModel(model, tok, name=f"tiny-{request.param}")
+    # one call's own cache arithmetic, counted from cold: no reuse across calls (that is test_context_pool.py)
+    return FlashBackModel(model, tok, name=f"tiny-{request.param}", context_cache_bytes=0)
 
 
 def segments_of(fb: FlashBackModel, texts: list[str], marks: bool) -> list[list[int]]:

@@ -50,15 +50,15 @@ def both(exported, server):
     return FlashBackModel.from_pretrained(str(exported[0])), remote
 
 
-def _run(fb: FlashBackModel, mode: str, **kwargs):
-    config = TRAINED.replace(mode=mode)
+def _run(fb: FlashBackModel, mode: str, block_offset: int = 0, **kwargs):
+    config = TRAINED.replace(mode=mode, block_offset=block_offset)
     return fb.generate(PROMPT, HashRetriever(), config=config, max_new_tokens=14, ignore_eos=True, **kwargs)
 
 
-@pytest.mark.parametrize("mode", ["none", "append", "prepend"])
-def test_the_server_gives_the_torch_backends_tokens_and_cache_costs(both, mode) -> None:
-    reference, remote = both
-    want, got = _run(reference, mode), _run(remote, mode)
+@pytest.mark.parametrize(("mode", "offset"), [("none", 0), ("append", 0), ("prepend", 0), ("append", 5)])
+def test_the_server_gives_the_torch_backends_tokens_and_cache_costs(both, mode, offset) -> None:
+    reference, remote = both  # append with offset 5: the portable variant, the block 5 tokens back
+    want, got = _run(reference, mode, offset), _run(remote, mode, offset)
     assert got.token_ids == want.token_ids and got.text == want.text
     assert [r.query for r in got.retrievals] == [r.query for r in want.retrievals]
     assert [r.block_tokens for r in got.retrievals] == [r.block_tokens for r in want.retrievals]
@@ -150,6 +150,10 @@ def test_framework_classes_and_cli_take_the_server(both, exported, server) -> No
     remote = FlashBackLLM(**settings, backend="openai", server_url=server)
     assert remote.flashback().backend.name == "openai" and remote.flashback_config().mode == "append"
     assert remote.invoke(PROMPT) == FlashBackLLM(**settings).invoke(PROMPT)
+    from flashback_integrations.llama_index import FlashBackLLM as LlamaIndexLLM
+
+    on_server = LlamaIndexLLM(**settings, backend="openai", server_url=server)
+    assert on_server.complete(PROMPT).text == LlamaIndexLLM(**settings).complete(PROMPT).text
     args = ["generate", "The json module", "--model", folder, "--backend", "openai", "--server-url", server]
     result = CliRunner().invoke(app, [*args, "--max-new-tokens", "6"])
     assert result.exit_code == 0, result.output

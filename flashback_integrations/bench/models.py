@@ -123,7 +123,8 @@ def parse_lengths(lengths: str) -> list[int]:
     return points
 
 
-def load_model(name: str, dtype: str, device: str, backend: str = "torch"):
+def load_model(name: str, dtype: str, device: str, backend: str = "torch", gguf_dtype: str | None = None):
+    """The timed model; llama.cpp and its server run a GGUF export in ``gguf_dtype`` (default: ``dtype``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -142,12 +143,13 @@ def load_model(name: str, dtype: str, device: str, backend: str = "torch"):
         fill_random(model)
         return FlashBackModel(model.eval(), synthetic_tokenizer(config.vocab_size), name=name)
     if backend == "llamacpp":
-        return FlashBackModel.from_gguf(gguf_export(name, dtype))
+        return FlashBackModel.from_gguf(gguf_export(name, gguf_dtype or dtype))
     if backend == "openai":  # llama.cpp's server on the same GGUF, for this process's life
         from .servers import llama_server
 
-        folder = gguf_export(name, dtype)
-        url = _SERVERS.enter_context(llama_server(Path(folder) / "model.gguf", n_ctx=8192))
+        folder = gguf_export(name, gguf_dtype or dtype)
+        # the host-memory prompt cache off: the slot's own prefix cache is what is measured, and a cold call is cold
+        url = _SERVERS.enter_context(llama_server(Path(folder) / "model.gguf", n_ctx=8192, extra=["--cache-ram", "0"]))
         return FlashBackModel.from_server(folder, url)
     # merged weights (the append adapter for "default", as before): every mode runs the same kernels and
     # the block carries its marks; an activated adapter's unmerged LoRA is timed apart (bench_activation)

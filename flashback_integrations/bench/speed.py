@@ -50,6 +50,8 @@ class SpeedCase:
     seed: int = 0
     batch_size: int = 1
     backend: str = "torch"
+    gguf_dtype: str | None = None
+    """llamacpp/openai: the GGUF's tensors (float32, float16, q8_0; default: ``dtype``)."""
 
 
 def run_case(case: SpeedCase, fb: Any = None) -> dict[str, Any]:
@@ -61,7 +63,7 @@ def run_case(case: SpeedCase, fb: Any = None) -> dict[str, Any]:
 
     load_started = time.perf_counter()
     reused = fb is not None
-    fb = fb if reused else load_model(case.model, case.dtype, case.device, case.backend)
+    fb = fb if reused else load_model(case.model, case.dtype, case.device, case.backend, case.gguf_dtype)
     load_s = time.perf_counter() - load_started
     random_ids = random_id_source(fb, case.seed)
 
@@ -123,7 +125,9 @@ def run_case(case: SpeedCase, fb: Any = None) -> dict[str, Any]:
         "peak_memory_mb": round(peak, 1),
         "memory_kind": "cuda max_memory_allocated"
         if cuda
-        else "process peak RSS while generating" + (", in a process shared with earlier cases" if reused else ""),
+        else "process peak RSS while generating"
+        + (", in a process shared with earlier cases" if reused else "")
+        + (" (the client's: the server's memory is not counted)" if server is not None else ""),
         "rss_after_load_mb": round(rss_before, 1),
         "torch_threads": torch.get_num_threads(),
         "load_s": round(load_s, 2),
@@ -191,11 +195,11 @@ class InProcessRunner:
     (``max_memory_allocated`` after a reset), so a process per case would only add start-up time."""
 
     def __init__(self) -> None:
-        self._key: tuple[str, str, str, str] | None = None
+        self._key: tuple[str, str, str, str, str | None] | None = None
         self._fb: Any = None
 
     def __call__(self, case: SpeedCase) -> dict[str, Any]:
-        key = (case.model, case.dtype, case.device, case.backend)
+        key = (case.model, case.dtype, case.device, case.backend, case.gguf_dtype)
         if key != self._key:
             self._key, self._fb = None, None  # free the previous model before loading the next
             started = time.perf_counter()
@@ -297,6 +301,7 @@ def build_cases(
     dtype: str,
     device: str,
     backends: str = "torch",
+    gguf_dtype: str | None = None,
 ) -> list[SpeedCase]:
     """One case per (length, backend, mode), every setting checked before any process starts."""
     if batch_size < 1 or repeats < 1:
@@ -316,7 +321,8 @@ def build_cases(
         prompt, gen = plan_lengths(total, doc_tokens, prompt_tokens, gen_tokens)
         for backend, mode in ((b, m) for b in engines for m in names):
             sizes = {"total_tokens": total, "prompt_tokens": prompt, "gen_tokens": gen}
-            cases.append(SpeedCase(mode=mode, backend=backend, **sizes, **shared))
+            gguf = gguf_dtype if backend != "torch" else None
+            cases.append(SpeedCase(mode=mode, backend=backend, gguf_dtype=gguf, **sizes, **shared))
     return cases
 
 

@@ -44,9 +44,17 @@ def forget(fb: Any) -> None:
 
 
 def run_turns(
-    model: str, backend: str, mode: str, turns: int, message_tokens: int, answer_tokens: int, dtype: str, seed: int
+    model: str,
+    backend: str,
+    mode: str,
+    turns: int,
+    message_tokens: int,
+    answer_tokens: int,
+    dtype: str,
+    seed: int,
+    gguf_dtype: str | None = None,
 ) -> dict[str, Any]:
-    fb = load_model(model, dtype, "cpu", backend)
+    fb = load_model(model, dtype, "cpu", backend, gguf_dtype)
     random_ids = random_id_source(fb, seed)
     config = FlashBackConfig(mode=mode, stride=16, num_passages=1, max_doc_tokens=64, query_tokens=32, marks=None)
 
@@ -68,7 +76,7 @@ def run_turns(
     cold, _ = first_token_s(fb, ids, use, config, answer_tokens)
     last = rows[-1]["ttft_s"]
     return {
-        "model": model, "backend": backend, "mode": mode, "dtype": dtype, "turns": rows,
+        "model": model, "backend": backend, "mode": mode, "dtype": dtype, "gguf_dtype": gguf_dtype, "turns": rows,
         "last_turn_cold_ttft_s": round(cold, 4), "last_turn_warm_over_cold": round(last / cold, 3),
     }  # fmt: skip
 

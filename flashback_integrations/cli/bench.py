@@ -27,6 +27,9 @@ Stride = Annotated[int, typer.Option(help="Retrieve every N tokens.")]
 DocTokens = Annotated[int, typer.Option(help="Tokens of each passage.")]
 PromptTokens = Annotated[int | None, typer.Option(help="Prompt length (default: min(512, T/4)).")]
 GenTokens = Annotated[int | None, typer.Option(help="Generated tokens (default: T - prompt - doc).")]
+GgufDtype = Annotated[
+    str | None, typer.Option(help="llamacpp/openai: float32 | float16 | q8_0 GGUF tensors (default: --dtype).")
+]
 
 
 def _table(title: str, columns: tuple[str, ...], rows: list[list[str]], first_left: bool = False) -> None:
@@ -110,6 +113,7 @@ def bench_speed(
             "with its prefix-cache hits per retrieval): the same cases on each, side by side."
         ),
     ] = "torch",
+    gguf_dtype: GgufDtype = None,
     dtype: BenchDtype = "float32",
     device: BenchDevice = "cpu",
     isolate: Annotated[
@@ -137,7 +141,7 @@ def bench_speed(
     settings = {
         "model": model, "lengths": lengths, "modes": modes, "stride": stride, "doc_tokens": doc_tokens,
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeats": repeats, "batch_size": batch_size,
-        "dtype": dtype, "device": device, "backends": backends,
+        "dtype": dtype, "device": device, "backends": backends, "gguf_dtype": gguf_dtype,
     }  # fmt: skip
     try:
         cases = build_cases(**settings)
@@ -194,6 +198,7 @@ def bench_turns(
     message_tokens: Annotated[int, typer.Option(help="Tokens of each user message (random words).")] = 96,
     answer_tokens: Annotated[int, typer.Option(help="Tokens generated per turn.")] = 32,
     dtype: BenchDtype = "float32",
+    gguf_dtype: GgufDtype = None,
     seed: Annotated[int, typer.Option(help="Random messages and passages.")] = 0,
     out: Out = Path("benchmarks/results"),
     stem: Stem = "turns_cpu",
@@ -205,7 +210,7 @@ def bench_turns(
         raise fail("--turns, --message-tokens and --answer-tokens must be at least 1.")
     settings = {
         "model": model, "mode": mode, "turns": turns, "message_tokens": message_tokens,
-        "answer_tokens": answer_tokens, "dtype": dtype, "seed": seed,
+        "answer_tokens": answer_tokens, "dtype": dtype, "gguf_dtype": gguf_dtype, "seed": seed,
     }  # fmt: skip
     results = []
     for backend in [b.strip() for b in backends.split(",")]:

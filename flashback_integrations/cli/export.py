@@ -23,7 +23,9 @@ def export(
     gguf: Annotated[
         bool, typer.Option("--gguf/--no-gguf", help="Also write OUT/model.gguf for llama.cpp (Llama family).")
     ] = False,
-    gguf_dtype: Annotated[str, typer.Option(help="float16 | float32: dtype of the GGUF tensors.")] = "float16",
+    gguf_dtype: Annotated[
+        str, typer.Option(help="float16 | float32 | q8_0: the GGUF tensors (norms stay fp32).")
+    ] = "float16",
 ) -> None:
     """Write base + adapter merged, with the marking tokens in the vocabulary: a Hugging Face folder (vLLM,
     SGLang, transformers) and optionally a GGUF file (llama.cpp)."""

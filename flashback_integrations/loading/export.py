@@ -116,11 +116,15 @@ def _tokenizer_fields(tokenizer: Any, rows: int) -> dict[str, Any]:
     return {"tokens": tokens, "types": types, "merges": merges}
 
 
+GGUF_DTYPES = ("float16", "float32", "q8_0")
+
+
 def export_gguf(
     hf_dir: str | Path, out_file: str | Path, dtype: str = "float16", pre_tokenizer: str = "smollm"
 ) -> Path:
     """Write the exported Hugging Face folder ``hf_dir`` as one GGUF file (norms in fp32, the rest in
-    ``dtype``). ``pre_tokenizer`` names llama.cpp's pre-tokenizer (SmolLM2's is ``smollm``)."""
+    ``dtype``: float32, float16 or q8_0, llama.cpp's 8-bit blocks, quantised by the ``gguf`` package).
+    ``pre_tokenizer`` names llama.cpp's pre-tokenizer (SmolLM2's is ``smollm``)."""
     import gguf
     import numpy as np
     import torch
@@ -134,8 +138,8 @@ def export_gguf(
             f"GGUF export knows the {', '.join(GGUF_ARCHS)} architecture(s), not {config.model_type!r}; export the "
             "Hugging Face folder and convert it with llama.cpp's convert_hf_to_gguf.py."
         )
-    if dtype not in ("float32", "float16"):
-        raise ConfigError(f"GGUF dtype must be float32 or float16, got {dtype!r}.")
+    if dtype not in GGUF_DTYPES:
+        raise ConfigError(f"GGUF dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}.")
     tokenizer = load_pretrained(str(hf_dir), "tokenizer")
     state: dict[str, torch.Tensor] = {}
     for file in sorted(hf_dir.glob("*.safetensors")):
@@ -158,7 +162,8 @@ def export_gguf(
     writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(rows)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "float16" else gguf.LlamaFileType.ALL_F32)
+    file_types = {"float16": "MOSTLY_F16", "float32": "ALL_F32", "q8_0": "MOSTLY_Q8_0"}
+    writer.add_file_type(getattr(gguf.LlamaFileType, file_types[dtype]))
     fields = _tokenizer_fields(tokenizer, rows)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer)
@@ -184,8 +189,15 @@ def export_gguf(
             data = _permute(data, heads)
         elif name.endswith("k_proj.weight"):
             data = _permute(data, kv_heads)
-        keep_f32 = dtype == "float32" or data.dim() == 1
-        writer.add_tensor(target, data.numpy().astype(np.float32 if keep_f32 else np.float16))
+        array = data.numpy().astype(np.float32)
+        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+        if dtype == "q8_0" and data.dim() == 2 and data.shape[1] % block == 0:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(target, gguf.quants.quantize(array, q8), raw_dtype=q8)
+        elif dtype == "float32" or data.dim() == 1:
+            writer.add_tensor(target, array)
+        else:
+            writer.add_tensor(target, array.astype(np.float16))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
