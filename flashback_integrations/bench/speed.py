@@ -108,12 +108,13 @@ def run_case(case: SpeedCase, fb: Any = None) -> dict[str, Any]:
     times: list[float] = []
     forwarded = 0
     server = getattr(fb.backend, "stats", None)
-    sent_before = len(server.per_request) if server is not None else 0
+    if server is not None:
+        server.per_request.clear()  # the timed runs' requests only
     with sampler:
         for _ in range(case.repeats):
             seconds, forwarded = once(case.gen_tokens)
             times.append(seconds)
-    cache_use = _server_cache_use(case, server.per_request[sent_before:]) if server is not None else {}
+    cache_use = _server_cache_use(case, list(server.per_request)) if server is not None else {}
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else sampler.peak_mb  # type: ignore[union-attr]
     return {
         **asdict(case),

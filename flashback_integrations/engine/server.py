@@ -16,6 +16,7 @@ import json
 import os
 import threading
 import warnings
+from collections import deque
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,8 +58,8 @@ class ServerStats:
     requests: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    per_request: list[tuple[int, int]] = field(default_factory=list)
-    """(prompt tokens, cached tokens) of each request, in order."""
+    per_request: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=10_000))
+    """(prompt tokens, cached tokens) of the latest requests, in order (bounded: a service runs for long)."""
 
 
 class ServerBackend:
