@@ -106,7 +106,7 @@ def test_what_a_server_cannot_do_is_refused_before_any_work(both, exported, serv
 
 
 def test_an_unreachable_server_is_named_with_the_fix(exported) -> None:
-    from flashback_integrations.bench.servers import free_port
+    from flashback_integrations.store.server import free_port
 
     with pytest.raises(
         ServerError, match=r"cannot reach a completions server at http://127\.0\.0\.1:\d+ .*llama-server"
