@@ -34,6 +34,7 @@ from .kv import KVContext
 from .layout import MarkIds, Span, build_spans, find_mark_ids, passage_ids, passage_segments, query_ids, wrap_block
 from .passages import PassageKVCache
 from .sampling import Sampling, choose_token
+from .server import ServerError
 from .text import StreamingText
 
 
@@ -210,7 +211,7 @@ def _run_strides(backend: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator
                 chunks.close()  # a stop string ends the request on the server too
             fed_total += len(span.ids) - (cached or 0) + max(0, got - 1)  # prompt fed, then a decode per token
             if finish == "length" and got < want and len(generated) < spec.max_new_tokens:
-                raise RetrievalError(f"the server returned {got} of the {want} tokens asked for, without a reason.")
+                raise ServerError(f"the server returned {got} of the {want} tokens asked for, without a reason.")
     finally:
         if retriever is not None:
             retriever.close()
