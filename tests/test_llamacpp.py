@@ -9,7 +9,7 @@ import builtins
 
 import pytest
 import torch
-from tiny import HashRetriever, save_tiny_adapter, save_tiny_base
+from tiny import HashRetriever, save_tiny_base, save_tiny_export
 
 from flashback_integrations import ConfigError, FlashBackConfig, FlashBackModel, TokenEvent
 from flashback_integrations.loading.export import export_gguf, export_hf
@@ -19,13 +19,7 @@ TRAINED = FlashBackConfig(mode="append", stride=4, query_tokens=8, num_passages=
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    base = tmp_path_factory.mktemp("base")
-    save_tiny_base(base, seed=3)
-    adapter = tmp_path_factory.mktemp("adapter")
-    save_tiny_adapter(base, adapter, TRAINED, seed=1)
-    out = export_hf(str(base), adapter, tmp_path_factory.mktemp("export") / "merged")
-    export_gguf(out, out / "model.gguf", dtype="float32")
-    return out
+    return save_tiny_export(tmp_path_factory, TRAINED)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from tiny import HashRetriever, save_tiny_adapter, save_tiny_base
+from tiny import HashRetriever, save_tiny_base, save_tiny_export
 
 from flashback_integrations import ConfigError, FlashBackConfig, FlashBackModel
 from flashback_integrations.bench.servers import llama_server, llama_server_binary
@@ -25,13 +25,9 @@ PROMPT = "The json module dumps"
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    base = tmp_path_factory.mktemp("base")
-    save_tiny_base(base, seed=3)
-    adapter = tmp_path_factory.mktemp("adapter")
-    save_tiny_adapter(base, adapter, TRAINED, seed=1)
-    out = export_hf(str(base), adapter, tmp_path_factory.mktemp("export") / "merged")
-    export_gguf(out, out / "model.gguf", dtype="float32")
-    bare = export_hf(str(base), "none", tmp_path_factory.mktemp("export") / "bare")
+    out = save_tiny_export(tmp_path_factory, TRAINED)
+    base = save_tiny_base(tmp_path_factory.mktemp("base"), seed=3)  # the same base without the adapter's marks
+    bare = export_hf(base, "none", tmp_path_factory.mktemp("export") / "bare")
     export_gguf(bare, bare / "model.gguf", dtype="float32")
     return out, bare
 

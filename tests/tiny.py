@@ -256,3 +256,16 @@ def save_tiny_adapter(base_dir, path, flashback_config, seed: int = 0, activated
     )
     save_adapter(peft_model, fb.tokenizer, path, manifest)
     return peft_model.eval(), fb.tokenizer
+
+
+def save_tiny_export(tmp_path_factory, flashback_config, seed: int = 3):
+    """A tiny base + adapter merged by `flashback export`, with an fp32 GGUF beside it (llama.cpp, servers)."""
+    from flashback_integrations.loading.export import export_gguf, export_hf
+
+    base = tmp_path_factory.mktemp("base")
+    save_tiny_base(base, seed=seed)
+    adapter = tmp_path_factory.mktemp("adapter")
+    save_tiny_adapter(base, adapter, flashback_config, seed=1)
+    out = export_hf(str(base), adapter, tmp_path_factory.mktemp("export") / "merged")
+    export_gguf(out, out / "model.gguf", dtype="float32")
+    return out
