@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flashback-installed
 
-.PHONY: demo test test-backends llama-server lint install clean
+.PHONY: demo test test-backends llama-server vllm lint install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test-backends: $(STAMP) llama-server
 # llama.cpp's OpenAI-compatible server (llama-server) in .venv/bin, built from the PyPI sdist's sources.
 llama-server: $(STAMP)
 	PY=$(PY) scripts/build-llama-server.sh
+
+# vLLM's CPU build in its own virtualenv (.venv-vllm): its pins differ from the project's.
+vllm:
+	PYTHON=$(PYTHON) scripts/build-vllm-venv.sh
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -77,6 +77,27 @@ def test_gguf_export_reads_back_with_the_same_logits_and_tokens(base_and_adapter
     assert error.mean() < 0.03 * full.std() and error.max() < 0.25 * full.std()
 
 
+@pytest.mark.parametrize("dtype", ["q4_1", "q4_0"])
+def test_4bit_gguf_keeps_the_embedding_8bit_and_reads_back_close(base_and_adapter, tmp_path, dtype) -> None:
+    import gguf
+
+    base, adapter, _, tokenizer = base_and_adapter
+    out = export_hf(str(base), adapter, tmp_path / "merged")
+    q8 = export_gguf(out, tmp_path / "q8" / "model.gguf", dtype="q8_0")
+    q4 = export_gguf(out, tmp_path / "q4" / "model.gguf", dtype=dtype)
+    assert q4.stat().st_size < q8.stat().st_size
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(q4).tensors}
+    assert types["token_embd.weight"] == "Q8_0"  # llama.cpp's recipe: the (output) embedding stays 8-bit
+    assert types["blk.0.ffn_down.weight"] == dtype.upper() and types["blk.0.attn_norm.weight"] == "F32"
+    ids = torch.tensor([tokenizer(TEXT)["input_ids"]])
+    with torch.no_grad():
+        full = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
+        four = AutoModelForCausalLM.from_pretrained(q4.parent, gguf_file=q4.name, dtype=torch.float32)(ids).logits
+    # 4-bit blocks of 32 random weights: well off (about 20% of the logits' spread), still the same model
+    correlation = torch.corrcoef(torch.stack([four.flatten(), full.flatten()]))[0, 1]
+    assert correlation > 0.95, correlation
+
+
 def test_export_refuses_what_it_cannot_write(base_and_adapter, tmp_path) -> None:
     base, adapter, _, _ = base_and_adapter
     activated = tmp_path / "activated"
@@ -91,6 +112,8 @@ def test_export_refuses_what_it_cannot_write(base_and_adapter, tmp_path) -> None
     assert (busy / "keep.txt").read_text() == "mine"
     with pytest.raises(ConfigError, match="dtype"):
         export_hf(str(base), adapter, tmp_path / "d", dtype="int8")
+    with pytest.raises(ConfigError, match="q4_1"):  # the message lists what can be written
+        export_gguf(export_hf(str(base), adapter, tmp_path / "e"), tmp_path / "e" / "model.gguf", dtype="q2_k")
 
 
 def test_gguf_export_refuses_other_architectures(tmp_path) -> None:

@@ -28,7 +28,8 @@ DocTokens = Annotated[int, typer.Option(help="Tokens of each passage.")]
 PromptTokens = Annotated[int | None, typer.Option(help="Prompt length (default: min(512, T/4)).")]
 GenTokens = Annotated[int | None, typer.Option(help="Generated tokens (default: T - prompt - doc).")]
 GgufDtype = Annotated[
-    str | None, typer.Option(help="llamacpp/openai: float32 | float16 | q8_0 GGUF tensors (default: --dtype).")
+    str | None,
+    typer.Option(help="llamacpp/openai: float32 | float16 | q8_0 | q4_1 | q4_0 GGUF tensors (default: --dtype)."),
 ]
 
 

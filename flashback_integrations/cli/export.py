@@ -24,7 +24,8 @@ def export(
         bool, typer.Option("--gguf/--no-gguf", help="Also write OUT/model.gguf for llama.cpp (Llama family).")
     ] = False,
     gguf_dtype: Annotated[
-        str, typer.Option(help="float16 | float32 | q8_0: the GGUF tensors (norms stay fp32).")
+        str,
+        typer.Option(help="float16 | float32 | q8_0 | q4_1 | q4_0: GGUF tensors (norms fp32; 4-bit: embedding q8_0)."),
     ] = "float16",
 ) -> None:
     """Write base + adapter merged, with the marking tokens in the vocabulary: a Hugging Face folder (vLLM,

@@ -116,14 +116,29 @@ def _tokenizer_fields(tokenizer: Any, rows: int) -> dict[str, Any]:
     return {"tokens": tokens, "types": types, "merges": merges}
 
 
-GGUF_DTYPES = ("float16", "float32", "q8_0")
+GGUF_DTYPES = ("float16", "float32", "q8_0", "q4_1", "q4_0")
+_GGUF_FILE_TYPES = {"float16": "MOSTLY_F16", "float32": "ALL_F32", "q8_0": "MOSTLY_Q8_0", "q4_1": "MOSTLY_Q4_1",
+                    "q4_0": "MOSTLY_Q4_0"}  # fmt: skip
+
+
+def _gguf_quant(dtype: str, target: str) -> Any:
+    """The block type of one 2-D tensor, or None for a float one. As llama.cpp's own quantizer does for
+    the 4-bit types, the (tied) token embedding stays 8-bit: it is also the output layer."""
+    import gguf
+
+    if not dtype.startswith("q"):
+        return None
+    if dtype != "q8_0" and target in ("token_embd.weight", "output.weight"):
+        return gguf.GGMLQuantizationType.Q8_0
+    return getattr(gguf.GGMLQuantizationType, dtype.upper())
 
 
 def export_gguf(
     hf_dir: str | Path, out_file: str | Path, dtype: str = "float16", pre_tokenizer: str = "smollm"
 ) -> Path:
     """Write the exported Hugging Face folder ``hf_dir`` as one GGUF file (norms in fp32, the rest in
-    ``dtype``: float32, float16 or q8_0, llama.cpp's 8-bit blocks, quantised by the ``gguf`` package).
+    ``dtype``: float32, float16, or llama.cpp's blocks of 32 weights quantised by the ``gguf`` package: q8_0,
+    q4_1, q4_0; the 4-bit files keep the token embedding in q8_0, as llama.cpp's quantizer does).
     ``pre_tokenizer`` names llama.cpp's pre-tokenizer (SmolLM2's is ``smollm``)."""
     import gguf
     import numpy as np
@@ -162,8 +177,7 @@ def export_gguf(
     writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(rows)
-    file_types = {"float16": "MOSTLY_F16", "float32": "ALL_F32", "q8_0": "MOSTLY_Q8_0"}
-    writer.add_file_type(getattr(gguf.LlamaFileType, file_types[dtype]))
+    writer.add_file_type(getattr(gguf.LlamaFileType, _GGUF_FILE_TYPES[dtype]))
     fields = _tokenizer_fields(tokenizer, rows)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer)
@@ -190,10 +204,9 @@ def export_gguf(
         elif name.endswith("k_proj.weight"):
             data = _permute(data, kv_heads)
         array = data.numpy().astype(np.float32)
-        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
-        if dtype == "q8_0" and data.dim() == 2 and data.shape[1] % block == 0:
-            q8 = gguf.GGMLQuantizationType.Q8_0
-            writer.add_tensor(target, gguf.quants.quantize(array, q8), raw_dtype=q8)
+        quant = _gguf_quant(dtype, target) if data.dim() == 2 else None
+        if quant is not None and data.shape[1] % gguf.GGML_QUANT_SIZES[quant][0] == 0:
+            writer.add_tensor(target, gguf.quants.quantize(array, quant), raw_dtype=quant)
         elif dtype == "float32" or data.dim() == 1:
             writer.add_tensor(target, array)
         else:
