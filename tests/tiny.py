@@ -63,7 +63,7 @@ def make_tokenizer(add_bos: bool = True, with_bos: bool = True) -> PreTrainedTok
     return tok
 
 
-def make_config(arch: str, vocab: int, tok: PreTrainedTokenizerFast, positions: int = 512):
+def make_config(arch: str, vocab: int, tok: PreTrainedTokenizerFast, positions: int = 512, head_dim: int | None = None):
     ids = {
         "bos_token_id": tok.bos_token_id,
         "eos_token_id": tok.eos_token_id,
@@ -78,8 +78,8 @@ def make_config(arch: str, vocab: int, tok: PreTrainedTokenizerFast, positions: 
         max_position_embeddings=positions,
         **ids,
     )
-    if arch == "llama":
-        return LlamaConfig(num_key_value_heads=2, **common)
+    if arch == "llama":  # head_dim: vLLM's CPU attention has kernels for 32 and up, not the default 8
+        return LlamaConfig(num_key_value_heads=2, **common, **({"head_dim": head_dim} if head_dim else {}))
     if arch == "qwen2":
         return Qwen2Config(num_key_value_heads=2, **common)
     if arch == "mistral":
@@ -102,11 +102,19 @@ def make_config(arch: str, vocab: int, tok: PreTrainedTokenizerFast, positions: 
     raise ValueError(arch)
 
 
-def make_model(arch: str, marks: bool = True, seed: int = 0, with_bos: bool = True, positions: int = 512):
+def make_model(
+    arch: str,
+    marks: bool = True,
+    seed: int = 0,
+    with_bos: bool = True,
+    positions: int = 512,
+    head_dim: int | None = None,
+):
     """A random fp32 model of ``arch`` and its tokenizer, optionally with the marking tokens added."""
     tok = make_tokenizer(add_bos=ADDS_BOS[arch] and with_bos, with_bos=with_bos)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(make_config(arch, len(tok), tok, positions), dtype=torch.float32)
+    config = make_config(arch, len(tok), tok, positions, head_dim)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # make random logits less flat so greedy choices are well separated
         model.get_output_embeddings().weight.mul_(8.0)
     model.eval()
@@ -180,9 +188,9 @@ def save_tiny_chat_model(path, arch: str = "llama", marks: bool = True, position
     return str(path)
 
 
-def save_tiny_base(path, arch: str = "llama", seed: int = 0) -> str:
+def save_tiny_base(path, arch: str = "llama", seed: int = 0, head_dim: int | None = None) -> str:
     """A tiny model without marks saved like a hub model, so adapters can be trained and loaded by path."""
-    model, tok = make_model(arch, marks=False, seed=seed)
+    model, tok = make_model(arch, marks=False, seed=seed, head_dim=head_dim)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
@@ -258,14 +266,15 @@ def save_tiny_adapter(base_dir, path, flashback_config, seed: int = 0, activated
     return peft_model.eval(), fb.tokenizer
 
 
-def save_tiny_export(tmp_path_factory, flashback_config, seed: int = 3):
+def save_tiny_export(tmp_path_factory, flashback_config, seed: int = 3, head_dim: int | None = None, gguf: bool = True):
     """A tiny base + adapter merged by `flashback export`, with an fp32 GGUF beside it (llama.cpp, servers)."""
     from flashback_integrations.loading.export import export_gguf, export_hf
 
     base = tmp_path_factory.mktemp("base")
-    save_tiny_base(base, seed=seed)
+    save_tiny_base(base, seed=seed, head_dim=head_dim)
     adapter = tmp_path_factory.mktemp("adapter")
     save_tiny_adapter(base, adapter, flashback_config, seed=1)
     out = export_hf(str(base), adapter, tmp_path_factory.mktemp("export") / "merged")
-    export_gguf(out, out / "model.gguf", dtype="float32")
+    if gguf:
+        export_gguf(out, out / "model.gguf", dtype="float32")
     return out

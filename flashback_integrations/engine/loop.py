@@ -181,14 +181,18 @@ def _run_strides(backend: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator
                 record, blocks = _retrieve(spec, tokenizer, retriever, prompt, generated, step)
             (span,) = _context(cfg, prompt, generated, step, blocks, tokenizer.bos_token_id)
             want = min(stride, spec.max_new_tokens - step)
-            got, cached = 0, None
+            got, cached, emitted = 0, None, None
             chunks = backend.complete(span.ids, want, spec.sampling, banned, ignore_eos=not spec.eos_ids)
             try:
                 for chunk in chunks:
-                    cached = chunk.cached_tokens if cached is None else cached
+                    if cached is None and chunk.cached_tokens is not None:
+                        cached = chunk.cached_tokens
+                        if emitted is not None:  # vLLM reports it with the stride's last token, not its first
+                            emitted.reused_tokens, emitted.prefill_tokens = cached, len(span.ids) - cached
                     if record is not None and (chunk.token_ids or chunk.finish_reason):
                         if cached is not None:  # what the server's prefix cache kept, as it reports it
                             record.reused_tokens, record.prefill_tokens = cached, len(span.ids) - cached
+                        emitted = record
                         retrievals.append(record)
                         for cb in spec.callbacks:
                             cb.on_retrieval_end(record)

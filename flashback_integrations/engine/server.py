@@ -196,7 +196,8 @@ class ServerBackend:
         self._last_prompt = list(ids)
         measured: tuple[int, int] | None = None
         received: list[int] = []
-        withheld = False
+        withheld = ended = False
+        last: StrideChunk | None = None
         try:
             with self.client.stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code != 200:
@@ -211,11 +212,22 @@ class ServerBackend:
                         withheld = True  # llama.cpp streams no id for a token that ends inside a UTF-8 character
                         break
                     received += chunk.token_ids
-                    yield chunk
+                    if last is not None:  # after the finish: only usage (vLLM's cached count comes last)
+                        last.token_ids += chunk.token_ids
+                    elif chunk.finish_reason is not None:
+                        last = chunk
+                    else:
+                        yield chunk
+                ended = not withheld
+                if last is not None:  # the finishing chunk carries what the server served from its cache
+                    if measured is not None:
+                        last.prompt_tokens, last.cached_tokens = measured
+                    yield last
         except httpx.HTTPError as exc:
             raise ServerError(f"{self.url}/v1/completions failed: {type(exc).__name__}: {exc}") from exc
         finally:
-            self._account(len(ids), shared, measured)
+            # a request closed early (a stop string) may end before the server's usage: not a missing metric
+            self._account(len(ids), shared, measured, complete=ended)
         if withheld:  # go on from the last id known, without streaming: the answer then lists every id
             yield self._rest([*ids, *received], max_tokens - len(received), body)
 
@@ -233,15 +245,17 @@ class ServerBackend:
         data = response.json()
         cached = (data.get("timings") or {}).get("cache_n")
         self._last_prompt = ids
-        self._account(len(ids), 0, (len(ids), cached) if cached is not None else None)
+        self._account(len(ids), 0, (len(ids), cached) if cached is not None else None, complete=True)
         finish = "stop" if data.get("stop_type") in ("eos", "word") else "length"
         return StrideChunk([int(t) for t in data.get("tokens", [])], finish, len(ids), cached)
 
-    def _account(self, sent: int, shared: int, measured: tuple[int, int] | None) -> None:
+    def _account(self, sent: int, shared: int, measured: tuple[int, int] | None, complete: bool) -> None:
         with self._lock:
             self.stats.requests += 1
             self.stats.prompt_tokens += sent
             if measured is None:
+                if not complete:
+                    return
                 self._warn_once(
                     "metrics",
                     f"{self.url} reports no cached prompt tokens (usage.prompt_tokens_details.cached_tokens): "
