@@ -30,9 +30,9 @@ test: $(STAMP)
 
 # The llama.cpp and server backends' tests: installs the optional extra (compiles llama.cpp once) and
 # builds llama.cpp's server into .venv/bin, then runs them.
-test-backends: $(STAMP) llama-server
+test-backends: $(STAMP) llama-server vllm
 	$(PY) -m pip install --quiet -e ".[llamacpp]"
-	$(PY) -m pytest -ra tests/test_llamacpp.py tests/test_export.py tests/test_server_backend.py
+	$(PY) -m pytest -ra tests/test_llamacpp.py tests/test_export.py tests/test_server_backend.py tests/test_vllm_backend.py
 
 # llama.cpp's OpenAI-compatible server (llama-server) in .venv/bin, built from the PyPI sdist's sources.
 llama-server: $(STAMP)

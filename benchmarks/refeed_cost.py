@@ -38,7 +38,9 @@ def _time_torch() -> dict[str, float]:
     ids = torch.tensor([_ids(model.config.vocab_size)])
 
     def feed(start: int, end: int, cache: DynamicCache) -> float:
-        cache.crop(start)
+        extra = cache.get_seq_length() - start
+        if extra > 0:
+            cache.crop(-extra)  # transformers 5: a negative count drops that many tokens from the end
         positions = torch.arange(start, end)[None]
         t = time.perf_counter()
         model(input_ids=ids[:, start:end], past_key_values=cache, position_ids=positions, use_cache=True)

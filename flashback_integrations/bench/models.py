@@ -53,6 +53,8 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 MODES = ("prepend", "append", "isolated", "isolated-warm", "none")
+BENCH_BACKENDS = ("torch", "llamacpp", "openai", "vllm")
+"""The engine's backends; ``openai`` is timed on llama.cpp's server, ``vllm`` is the same backend on vLLM."""
 WARM_POOL = 4
 """isolated-warm draws its passages from this many (a corpus repeats itself); isolated is cold (always new)."""
 
@@ -151,6 +153,13 @@ def load_model(name: str, dtype: str, device: str, backend: str = "torch", gguf_
         # the host-memory prompt cache off: the slot's own prefix cache is what is measured, and a cold call is cold
         url = _SERVERS.enter_context(llama_server(Path(folder) / "model.gguf", n_ctx=8192, extra=["--cache-ram", "0"]))
         return FlashBackModel.from_server(folder, url)
+    if backend == "vllm":  # the openai backend on vLLM's CPU build, serving the same merged checkpoint in fp32
+        from .servers import vllm_server
+
+        folder = gguf_export(name, "float32")
+        # blocks of 32 (the least its CPU attention takes): what it caches is the shared prefix in whole blocks
+        server = vllm_server(folder, max_model_len=8192, kv_cache_gib=2, extra=["--block-size", "32"])
+        return FlashBackModel.from_server(folder, _SERVERS.enter_context(server))
     # merged weights (the append adapter for "default", as before): every mode runs the same kernels and
     # the block carries its marks; an activated adapter's unmerged LoRA is timed apart (bench_activation)
     adapter = shipped_adapter("append") if name == "default" else None

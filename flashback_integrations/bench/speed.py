@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..engine.backend import BACKENDS
 from .models import (
+    BENCH_BACKENDS,
     MODES,
     WARM_POOL,
     check_options,
@@ -311,11 +311,11 @@ def build_cases(
     check_options(model, dtype, device, names)
     cases = []
     engines = [b.strip() for b in backends.split(",")]
-    unknown = [b for b in engines if b not in BACKENDS]
+    unknown = [b for b in engines if b not in BENCH_BACKENDS]
     if unknown:
-        raise ValueError(f"unknown backend(s) {unknown}; backends are {', '.join(BACKENDS)}.")
-    if {"llamacpp", "openai"} & set(engines) and ({"isolated", "isolated-warm"} & set(names) or batch_size > 1):
-        raise ValueError("the llamacpp and openai backends time none, prepend and append at batch size 1.")
+        raise ValueError(f"unknown backend(s) {unknown}; backends are {', '.join(BENCH_BACKENDS)}.")
+    if set(engines) - {"torch"} and ({"isolated", "isolated-warm"} & set(names) or batch_size > 1):
+        raise ValueError("the llamacpp, openai and vllm backends time none, prepend and append at batch size 1.")
     shared = {"model": model, "stride": stride, "doc_tokens": doc_tokens, "dtype": dtype, "device": device}
     shared |= {"repeats": repeats, "batch_size": batch_size}
     for total in parse_lengths(lengths):

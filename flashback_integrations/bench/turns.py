@@ -54,6 +54,8 @@ def run_turns(
     seed: int,
     gguf_dtype: str | None = None,
 ) -> dict[str, Any]:
+    if backend == "vllm":  # its prefix cache keeps every block until memory runs out: no cold call to compare with
+        raise ValueError("bench turns times torch, llamacpp and openai (llama-server); vLLM keeps the earlier turns.")
     fb = load_model(model, dtype, "cpu", backend, gguf_dtype)
     random_ids = random_id_source(fb, seed)
     config = FlashBackConfig(mode=mode, stride=16, num_passages=1, max_doc_tokens=64, query_tokens=32, marks=None)

@@ -111,7 +111,7 @@ def bench_speed(
         str,
         typer.Option(
             help="Comma-separated: torch, llamacpp, openai (llama.cpp's server on the same GGUF, started here, "
-            "with its prefix-cache hits per retrieval): the same cases on each, side by side."
+            "with its prefix-cache hits per retrieval), vllm (the same on vLLM, `make vllm`): side by side."
         ),
     ] = "torch",
     gguf_dtype: GgufDtype = None,
