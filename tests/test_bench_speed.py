@@ -213,6 +213,13 @@ def test_summary_compares_backends_side_by_side() -> None:
         ("torch", "append"), ("torch", "none"), ("llamacpp", "append"), ("llamacpp", "none")
     ]  # fmt: skip
     with pytest.raises(ValueError, match="backend"):
-        build_cases("default", "512", "append", 16, 128, None, None, 1, 1, "float32", "cpu", "vllm")
+        build_cases("default", "512", "append", 16, 128, None, None, 1, 1, "float32", "cpu", "tgi")
     with pytest.raises(ValueError, match="llamacpp"):
         build_cases("default", "512", "isolated", 16, 128, None, None, 1, 1, "float32", "cpu", "llamacpp")
+
+
+def test_bench_turns_refuses_vllm_before_loading_anything() -> None:
+    from flashback_integrations.bench.turns import run_turns
+
+    with pytest.raises(ValueError, match="vLLM keeps the earlier turns"):  # no cold call to compare with
+        run_turns("default", "vllm", "none", 2, 8, 4, "float32", 0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from tiny import HashRetriever, save_tiny_base, save_tiny_export
+from tiny import HashRetriever, check_stops_and_streams_like_torch, save_tiny_base, save_tiny_export
 
 from flashback_integrations import ConfigError, FlashBackConfig, FlashBackModel
 from flashback_integrations.bench.servers import llama_server, llama_server_binary
@@ -65,15 +65,7 @@ def test_the_server_gives_the_torch_backends_tokens_and_cache_costs(both, mode, 
 
 
 def test_stop_strings_and_streaming_match_the_torch_backend(both) -> None:
-    reference, remote = both
-    full = _run(reference, "append").text
-    stop = full[len(full) // 2 : len(full) // 2 + 3]
-    want, got = _run(reference, "append", stop=[stop]), _run(remote, "append", stop=[stop])
-    assert got.text == want.text and got.finish_reason == want.finish_reason == "stop"
-    deltas = [
-        e.text for e in remote.stream(PROMPT, HashRetriever(), config=TRAINED, max_new_tokens=9) if hasattr(e, "text")
-    ]
-    assert "".join(deltas) == remote.generate(PROMPT, HashRetriever(), config=TRAINED, max_new_tokens=9).text
+    check_stops_and_streams_like_torch(*both, _run, PROMPT, TRAINED)
 
 
 def test_sampling_runs_on_the_server_and_a_seed_repeats(both) -> None:

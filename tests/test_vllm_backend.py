@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from tiny import HashRetriever, save_tiny_export
+from tiny import HashRetriever, check_stops_and_streams_like_torch, save_tiny_export
 
 from flashback_integrations import FlashBackConfig, FlashBackModel
 from flashback_integrations.bench.servers import vllm_python, vllm_server
@@ -66,15 +66,8 @@ def test_vllm_gives_the_torch_backends_tokens_and_serves_whole_blocks_from_its_c
 
 
 def test_stop_strings_streaming_and_seeded_sampling_on_vllm(both, exported) -> None:
-    reference, remote = both
-    full = _run(reference, "append").text
-    stop = full[len(full) // 2 : len(full) // 2 + 3]
-    want, got = _run(reference, "append", stop=[stop]), _run(remote, "append", stop=[stop])
-    assert got.text == want.text and got.finish_reason == want.finish_reason == "stop"
-    deltas = [
-        e.text for e in remote.stream(PROMPT, HashRetriever(), config=TRAINED, max_new_tokens=9) if hasattr(e, "text")
-    ]
-    assert "".join(deltas) == remote.generate(PROMPT, HashRetriever(), config=TRAINED, max_new_tokens=9).text
+    _, remote = both
+    check_stops_and_streams_like_torch(*both, _run, PROMPT, TRAINED)
     args = {"temperature": 0.9, "top_k": 20, "seed": 7, "max_new_tokens": 10, "ignore_eos": True}
     first = remote.generate(PROMPT, HashRetriever(), config=TRAINED, **args)
     assert remote.generate(PROMPT, HashRetriever(), config=TRAINED, **args).token_ids == first.token_ids

@@ -278,3 +278,14 @@ def save_tiny_export(tmp_path_factory, flashback_config, seed: int = 3, head_dim
     if gguf:
         export_gguf(out, out / "model.gguf", dtype="float32")
     return out
+
+
+def check_stops_and_streams_like_torch(reference, remote, run, prompt: str, config) -> None:
+    """A server backend's stop strings and streamed deltas equal the torch backend's (``run(fb, mode, **kw)``)."""
+    full = run(reference, "append").text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    want, got = run(reference, "append", stop=[stop]), run(remote, "append", stop=[stop])
+    assert got.text == want.text and got.finish_reason == want.finish_reason == "stop"
+    events = remote.stream(prompt, HashRetriever(), config=config, max_new_tokens=9)
+    deltas = [e.text for e in events if hasattr(e, "text")]
+    assert "".join(deltas) == remote.generate(prompt, HashRetriever(), config=config, max_new_tokens=9).text

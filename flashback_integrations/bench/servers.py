@@ -23,15 +23,20 @@ from ..errors import ConfigError
 from ..store.server import free_port
 
 
-def llama_server_binary() -> Path | None:
-    """Where ``llama-server`` is, or None."""
-    env = os.environ.get("FLASHBACK_LLAMA_SERVER")
-    candidates = [env] if env else []
-    candidates += [str(Path(sys.prefix) / "bin" / "llama-server"), shutil.which("llama-server")]
-    for candidate in candidates:
+def _executable(variable: str, defaults: list[str | None]) -> Path | None:
+    """``$variable`` when set (and nothing else), else the first of ``defaults`` that can be run."""
+    override = os.environ.get(variable)
+    for candidate in [override] if override else defaults:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return Path(candidate)
     return None
+
+
+def llama_server_binary() -> Path | None:
+    """Where ``llama-server`` is, or None."""
+    return _executable(
+        "FLASHBACK_LLAMA_SERVER", [str(Path(sys.prefix) / "bin" / "llama-server"), shutil.which("llama-server")]
+    )
 
 
 @contextlib.contextmanager
@@ -63,12 +68,9 @@ def llama_server(
 
 def vllm_python() -> Path | None:
     """The Python of a virtualenv with vLLM (``make vllm``), or None."""
-    env = os.environ.get("FLASHBACK_VLLM_PYTHON")
-    root = Path(__file__).resolve().parents[2]
-    for candidate in [env] if env else [str(root / ".venv-vllm" / "bin" / "python")]:
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return Path(candidate)
-    return None
+    return _executable(
+        "FLASHBACK_VLLM_PYTHON", [str(Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python")]
+    )
 
 
 @contextlib.contextmanager
