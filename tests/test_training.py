@@ -599,3 +599,28 @@ def test_eval_isolated_rows_read_with_the_given_tail(base_dir, examples, tmp_pat
     assert result["rows"][1]["ppl"] == pytest.approx(float(torch.exp(nll.detach().mean())), rel=1e-4)
     with pytest.raises(ConfigError, match="tail_tokens"):
         with_tail(rows, 0)
+
+
+def test_eval_merges_rows_scored_in_parallel_under_another_stem(base_dir, examples, tmp_path, monkeypatch) -> None:
+    import flashback_integrations.training.perplexity as evaluation
+
+    rows = [PplRow("no retrieval", "none"), PplRow("append", "append")]
+    ex = examples[:6]
+    whole = run_eval(ex, rows, tmp_path, "whole", str(base_dir), "cpu", batch_size=3, progress=False)
+    run_eval(ex, rows[1:], tmp_path, "second", str(base_dir), "cpu", batch_size=3, progress=False)  # in parallel
+    calls: list[int] = []
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[1]))
+        return target_nll(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "target_nll", counted)
+    merged = run_eval(ex, rows, tmp_path, "first", str(base_dir), "cpu", batch_size=3, progress=False,
+                      merge_from=[tmp_path / "second.partial.json"])  # fmt: skip
+    assert calls == [3, 3]  # only the first row was scored here
+    assert merged["rows"] == whole["rows"]
+    other = run_eval(examples[6:9], rows[:1], tmp_path, "other", str(base_dir), "cpu", progress=False)
+    assert other["examples"] == 3
+    with pytest.raises(ConfigError, match="other examples or another model"):
+        run_eval(ex, rows, tmp_path, "third", str(base_dir), "cpu", progress=False,
+                 merge_from=[tmp_path / "other.partial.json"])  # fmt: skip

@@ -119,6 +119,10 @@ def eval_ppl(
     device: Device = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward.")] = 32,
     seed: Seed = 0,
+    merge_from: Annotated[
+        list[Path] | None,
+        typer.Option(help="Partial results of the same command run under another --stem (rows scored in parallel)."),
+    ] = None,
     *,
     source: ExampleSource,
     settings: ExampleSettings,
@@ -138,6 +142,7 @@ def eval_ppl(
     rows, skipped = select_rows(model, *adapters, row, tail_tokens)
     for name in skipped:
         err_console.print(f"[yellow]row {name!r} skipped: no adapter given for it[/]")
-    result = run_eval(ex, rows, out, stem, model, device, batch_size, meta={"data": info, "skipped_rows": skipped})
+    meta = {"data": info, "skipped_rows": skipped}
+    result = run_eval(ex, rows, out, stem, model, device, batch_size, meta=meta, merge_from=merge_from or ())
     console.print(markdown_table(result))
     console.print(f"wrote {out / (stem + '.json')}, {out / (stem + '.md')} and {out / (stem + '.png')}")

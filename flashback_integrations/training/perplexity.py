@@ -237,9 +237,14 @@ def run_eval(
     batch_size: int = 32,
     meta: dict[str, Any] | None = None,
     progress: bool = True,
+    merge_from: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """Score all rows and write JSON, MD, PNG. ``{stem}.partial.json`` keeps finished rows and the
-    row in progress (saved every ``SAVE_EVERY_S`` seconds), so a stopped run loses at most that."""
+    row in progress (saved every ``SAVE_EVERY_S`` seconds), so a stopped run loses at most that.
+
+    ``merge_from``: partial files of other runs on the same examples and model (rows scored in parallel
+    by another process, under another stem); their finished rows, and any longer row in progress, are
+    taken instead of being scored again. A file for other examples or another model is an error."""
     if not examples:
         raise ConfigError("No examples to score.")
     resolve_device(device)
@@ -255,6 +260,8 @@ def run_eval(
         saved = json.loads(partial_path.read_text())
         if saved.get("examples_digest") == digest and saved.get("model") == model_name:
             done, started = saved["rows"], saved.get("in_progress", {})
+    for other in merge_from:
+        _merge_partial(Path(other), digest, model_name, done, started)
 
     def save(in_progress: dict[str, list[float]]) -> None:
         state = {"examples_digest": digest, "model": model_name, "rows": done, "in_progress": in_progress}
@@ -307,6 +314,25 @@ def run_eval(
     (out / f"{stem}.md").write_text(markdown_table(result))
     plot_ppl(result, out / f"{stem}.png")
     return result
+
+
+def _merge_partial(
+    path: Path, digest: str, model_name: str, done: dict[str, Any], started: dict[str, list[float]]
+) -> None:
+    try:
+        other = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the partial results {path}: {exc}") from exc
+    if other.get("examples_digest") != digest or other.get("model") != model_name:
+        raise ConfigError(
+            f"{path} scored other examples or another model (digest {str(other.get('examples_digest'))[:8]}, model "
+            f"{other.get('model')!r}; this run: {digest[:8]}, {model_name!r}): merge only runs of the same command."
+        )
+    for key, sums in (other.get("rows") or {}).items():
+        done.setdefault(key, sums)
+    for key, sums in (other.get("in_progress") or {}).items():
+        if key not in done and len(sums) > len(started.get(key, [])):
+            started[key] = sums
 
 
 def markdown_table(result: dict[str, Any]) -> str:
