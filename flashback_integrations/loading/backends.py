@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,9 @@ def load_llamacpp(
         verbose=False,
     )
     backend = LlamaCppBackend(llama)
+    # this Llama is ours: freed with the backend, or before the interpreter tears modules down (its __del__
+    # at exit otherwise finds llama_cpp's functions gone and prints an ignored TypeError)
+    weakref.finalize(backend, llama.close)
     if len(tokenizer) > backend.vocab_size:
         raise ConfigError(
             f"{gguf} has {backend.vocab_size} tokens but the tokenizer of {source!r} has {len(tokenizer)}: they are "
