@@ -223,3 +223,21 @@ def test_bench_turns_refuses_vllm_before_loading_anything() -> None:
 
     with pytest.raises(ValueError, match="vLLM keeps the earlier turns"):  # no cold call to compare with
         run_turns("default", "vllm", "none", 2, 8, 4, "float32", 0)
+
+
+def test_speed_benchmark_times_the_isolated_tail_it_is_given(tmp_path) -> None:
+    """The shipped default reads passages with 32 tokens: a retrieval re-feeds stride + tail ids, not stride + 1."""
+    model = save_tiny_chat_model(tmp_path / "tiny", marks=False)
+    fed = {}
+    for tail in (1, 3):
+        args = ["bench", "speed", "--model", model, "--lengths", "64", "--modes", "isolated-warm", "--stride", "4",
+                "--doc-tokens", "8", "--repeats", "1", "--tail-tokens", str(tail), "--out", str(tmp_path / "out"),
+                "--stem", f"t{tail}"]  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        data = json.loads((tmp_path / "out" / f"t{tail}.json").read_text())
+        (run,) = data["runs"]
+        assert run["tail_tokens"] == tail and f"--tail-tokens {tail}" in data["command"]
+        fed[tail] = run["forward_tokens"]
+    # prompt 16, 40 generated, stride 4: 9 retrievals after the first, each re-feeding 2 more history ids
+    assert fed[3] - fed[1] == 9 * 2

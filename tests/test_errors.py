@@ -183,6 +183,7 @@ def test_dtype_and_device_names_are_checked_before_loading(tmp_path) -> None:
         (["bench", "forward", "--lengths", "512,abc"], "comma-separated whole numbers"),
         (["bench", "forward", "--dtype", "fp8"], "dtype 'fp8' is not one of"),
         (["bench", "speed", "--repeats", "0"], "--repeats must be at least 1"),
+        (["bench", "speed", "--tail-tokens", "0"], "--tail-tokens must be at least 1, got 0"),
     ):
         result = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
         assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output

@@ -52,6 +52,8 @@ class SpeedCase:
     backend: str = "torch"
     gguf_dtype: str | None = None
     """llamacpp/openai: the GGUF's tensors (float32, float16, q8_0; default: ``dtype``)."""
+    tail_tokens: int = 1
+    """isolated modes: history tokens that read the passages (a retrieval re-feeds ``stride + tail_tokens``)."""
 
 
 def run_case(case: SpeedCase, fb: Any = None) -> dict[str, Any]:
@@ -82,6 +84,7 @@ def run_case(case: SpeedCase, fb: Any = None) -> dict[str, Any]:
         max_doc_tokens=case.doc_tokens,  # type: ignore[arg-type]
         query_tokens=32,
         marks=False,
+        tail_tokens=case.tail_tokens,
     )
     use = retriever if case.mode != "none" else None
     cuda = case.device.startswith("cuda")
@@ -303,10 +306,12 @@ def build_cases(
     device: str,
     backends: str = "torch",
     gguf_dtype: str | None = None,
+    tail_tokens: int = 1,
 ) -> list[SpeedCase]:
     """One case per (length, backend, mode), every setting checked before any process starts."""
-    if batch_size < 1 or repeats < 1:
-        raise ValueError(f"--batch-size and --repeats must be at least 1, got {batch_size} and {repeats}")
+    for option, value in (("--batch-size", batch_size), ("--repeats", repeats), ("--tail-tokens", tail_tokens)):
+        if value < 1:
+            raise ValueError(f"{option} must be at least 1, got {value}")
     names = [m.strip() for m in modes.split(",")]
     check_options(model, dtype, device, names)
     cases = []
@@ -317,7 +322,7 @@ def build_cases(
     if set(engines) - {"torch"} and ({"isolated", "isolated-warm"} & set(names) or batch_size > 1):
         raise ValueError("the llamacpp, openai and vllm backends time none, prepend and append at batch size 1.")
     shared = {"model": model, "stride": stride, "doc_tokens": doc_tokens, "dtype": dtype, "device": device}
-    shared |= {"repeats": repeats, "batch_size": batch_size}
+    shared |= {"repeats": repeats, "batch_size": batch_size, "tail_tokens": tail_tokens}
     for total in parse_lengths(lengths):
         prompt, gen = plan_lengths(total, doc_tokens, prompt_tokens, gen_tokens)
         for backend, mode in ((b, m) for b in engines for m in names):

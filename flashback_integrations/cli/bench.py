@@ -115,6 +115,9 @@ def bench_speed(
         ),
     ] = "torch",
     gguf_dtype: GgufDtype = None,
+    tail_tokens: Annotated[
+        int, typer.Option(help="isolated: history tokens that read the passages (the shipped default: 32).")
+    ] = 1,
     dtype: BenchDtype = "float32",
     device: BenchDevice = "cpu",
     isolate: Annotated[
@@ -142,7 +145,7 @@ def bench_speed(
     settings = {
         "model": model, "lengths": lengths, "modes": modes, "stride": stride, "doc_tokens": doc_tokens,
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeats": repeats, "batch_size": batch_size,
-        "dtype": dtype, "device": device, "backends": backends, "gguf_dtype": gguf_dtype,
+        "dtype": dtype, "device": device, "backends": backends, "gguf_dtype": gguf_dtype, "tail_tokens": tail_tokens,
     }  # fmt: skip
     try:
         cases = build_cases(**settings)
