@@ -28,3 +28,9 @@ for B in 1 16; do
       --repeats 2 --batch-size $B --out "${OUT:-benchmarks/results}" --stem speed_gpu_llama1b_bf16_b$B
   echo "speed batch $B rc=$?"
 done
+# The isolated layout at the shipped default's tail (32): a warm retrieval re-feeds stride + 32 ids.
+timeout "${TAIL_TIMEOUT:-90}" python3 -m flashback_integrations.cli bench speed --model config:llama-1b \
+    --dtype bfloat16 --device cuda --lengths "${TAIL_LENGTHS:-2048,8192}" --gen-tokens 256 --stride 16 --doc-tokens 128 \
+    --modes none,isolated-warm,isolated,append --tail-tokens 32 --repeats 2 --out "${OUT:-benchmarks/results}" \
+    --stem speed_gpu_llama1b_bf16_isolated_t32
+echo "speed isolated tail 32 rc=$?"
