@@ -90,6 +90,25 @@ def test_without_retrieval_an_activated_adapter_is_exactly_the_base_model(fb) ->
     assert torch.equal(adapted, base)
 
 
+def test_forwards_without_passage_tokens_skip_the_lora_layers(fb) -> None:
+    """Not only the logits: a call without retrieval runs no LoRA product at all (base-model speed), and
+    an isolated call runs them only in forwards that feed passage or tail tokens."""
+    lora_a = [m for name, m in fb.model.named_modules() if name.endswith("lora_A.default")]
+    assert lora_a
+    calls: list[int] = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in lora_a]
+    try:
+        fb.generate(PROMPT, None, config=FlashBackConfig(mode="none"), max_new_tokens=6, ignore_eos=True)
+        assert calls == []
+        config = FlashBackConfig(mode="isolated", stride=3, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC)
+        fb.generate(PROMPT, HashRetriever(), config=config, max_new_tokens=6, ignore_eos=True)
+        assert len(calls) > 0 and len(calls) % len(lora_a) == 0
+        assert fb.model.get_model_status().enabled is True  # skipping is not PEFT's "disabled" state
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 @pytest.mark.parametrize("mode", ("append", "prepend"))
 def test_an_activated_adapter_refuses_the_causal_block_modes(fb, mode) -> None:
     before = fb.generate(PROMPT, HashRetriever(), config=FlashBackConfig(mode="isolated"), max_new_tokens=6)
