@@ -43,7 +43,10 @@ def main() -> None:
     prompt = activated.chat_ids([{"role": "user", "content": "How do I pretty-print JSON with the json module?"}])
     configs = {
         "none": FlashBackConfig(mode="none"),
-        "isolated": FlashBackConfig(mode="isolated", stride=16, max_doc_tokens=128),
+        # both at the adapter's own tail (the merged model has no manifest to take it from)
+        "isolated": FlashBackConfig(
+            mode="isolated", stride=16, max_doc_tokens=128, tail_tokens=activated.config.tail_tokens
+        ),
     }
     times: dict[str, list[float]] = {}
     for _ in range(args.repeats):
@@ -65,6 +68,7 @@ def main() -> None:
                 "tokens": args.tokens,
                 "repeats": args.repeats,
                 "threads": torch.get_num_threads(),
+                "tail_tokens": activated.config.tail_tokens,
                 "command": "python benchmarks/activation_overhead.py",
             },
             fh,
