@@ -365,10 +365,11 @@ class KVContext:
         """Feed ``ids`` at ``positions``; ``allowed`` (``[new, cached + new]``, True = may attend) replaces
         the causal mask. ``gate`` says which fed tokens an activated adapter applies to (all or per token)."""
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        if self._gated:  # every token off: no mask, so the LoRA layers are skipped, not zeroed
-            on = torch.tensor(gate if isinstance(gate, list) else [gate] * input_ids.shape[1], device=self.device)
-            some = any(gate) if isinstance(gate, list) else gate
-            with lora_gate(on[None].expand(input_ids.shape[0], -1) if some else None):
+        if self._gated:
+            flags = gate if isinstance(gate, list) else [gate] * input_ids.shape[1]
+            # every token off: no mask at all, so the LoRA layers are skipped rather than zeroed
+            on = torch.tensor(flags, device=self.device)[None].expand(input_ids.shape[0], -1) if any(flags) else None
+            with lora_gate(on):
                 return self._forward_ungated(input_ids, positions, cache, allowed)
         return self._forward_ungated(input_ids, positions, cache, allowed)
 
