@@ -2,6 +2,8 @@
 per-target sums an `eval ppl` run keeps in its .partial.json; writes STEM_ratios.{json,md}.
 
     python benchmarks/ppl_ratios.py benchmarks/results/ppl_isolated_whatsnew480
+    python benchmarks/ppl_ratios.py STEM OTHER_STEM ...   # rows scored under several stems, rows in progress
+                                                           # included, all cut to the targets every row has
 """
 
 import json
@@ -15,9 +17,18 @@ from flashback_integrations.training.perplexity import bootstrap
 REFERENCES = ("no retrieval", "prepend + LoRA + MT")
 
 
-def main(stem: str) -> None:
+def main(stem: str, *others: str) -> None:
     partial = json.loads(Path(f"{stem}.partial.json").read_text())
     rows = {json.loads(k)["name"]: np.asarray(v) for k, v in partial["rows"].items()}
+    if others:  # an interim check: the first targets every row has scored (the same targets for every row)
+        for path in (stem, *others):
+            state = json.loads(Path(f"{path}.partial.json").read_text())
+            if state["examples_digest"] != partial["examples_digest"]:
+                raise SystemExit(f"{path} scored other examples than {stem}")
+            for src in (state["rows"], state.get("in_progress") or {}):
+                rows.update({json.loads(k)["name"]: np.asarray(v) for k, v in src.items() if len(v)})
+        common = min(len(v) for v in rows.values())
+        rows = {name: v[:common] for name, v in rows.items()}
     out: dict[str, dict[str, float]] = {name: {} for name in rows}
     for ref in REFERENCES:
         for name, entry in bootstrap(rows, 16, reference=ref).items():
@@ -41,4 +52,4 @@ def main(stem: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
