@@ -4,10 +4,14 @@ per-target sums an `eval ppl` run keeps in its .partial.json; writes STEM_ratios
     python benchmarks/ppl_ratios.py benchmarks/results/ppl_isolated_whatsnew480
     python benchmarks/ppl_ratios.py STEM OTHER_STEM ...   # rows scored under several stems, rows in progress
                                                            # included, all cut to the targets every row has
+    ... --out OUT_STEM                                     # write OUT_STEM_ratios.* instead of STEM_ratios.*
+
+A row of another stem named like an earlier one but scored otherwise (another adapter) is kept beside it as
+"NAME [OTHER_STEM]"; the references are always the first stem's rows.
 """
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +21,23 @@ from flashback_integrations.training.perplexity import bootstrap
 REFERENCES = ("no retrieval", "prepend + LoRA + MT")
 
 
-def main(stem: str, *others: str) -> None:
+def main(stem: str, *others: str, out_stem: str | None = None) -> None:
     partial = json.loads(Path(f"{stem}.partial.json").read_text())
     rows = {json.loads(k)["name"]: np.asarray(v) for k, v in partial["rows"].items()}
     if others:  # an interim check: the first targets every row has scored (the same targets for every row)
+        keys: dict[str, str] = {}
         for path in (stem, *others):
             state = json.loads(Path(f"{path}.partial.json").read_text())
             if state["examples_digest"] != partial["examples_digest"]:
                 raise SystemExit(f"{path} scored other examples than {stem}")
             for src in (state["rows"], state.get("in_progress") or {}):
-                rows.update({json.loads(k)["name"]: np.asarray(v) for k, v in src.items() if len(v)})
+                for key, sums in src.items():
+                    name = json.loads(key)["name"]
+                    if name in keys and keys[name] != key:
+                        name = f"{name} [{Path(path).name}]"
+                    if len(sums):
+                        keys.setdefault(name, key)
+                        rows[name] = np.asarray(sums)
         common = min(len(v) for v in rows.values())
         rows = {name: v[:common] for name, v in rows.items()}
     out: dict[str, dict[str, float]] = {name: {} for name in rows}
@@ -45,11 +56,16 @@ def main(stem: str, *others: str) -> None:
     table = "\n".join(lines)
     print(table)
     targets = len(next(iter(rows.values())))
-    Path(f"{stem}_ratios.json").write_text(
+    out_stem = out_stem or stem
+    Path(f"{out_stem}_ratios.json").write_text(
         json.dumps({"targets": targets, "digest": partial["examples_digest"], "rows": out}, indent=1)
     )
-    Path(f"{stem}_ratios.md").write_text(f"{targets} targets, paired 95% bootstrap intervals\n\n{table}\n")
+    Path(f"{out_stem}_ratios.md").write_text(f"{targets} targets, paired 95% bootstrap intervals\n\n{table}\n")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stems", nargs="+", help="result stems (without .partial.json); the first gives the references")
+    parser.add_argument("--out", help="output stem (default: the first stem)")
+    args = parser.parse_args()
+    main(*args.stems, out_stem=args.out)

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Issue 14, item 5: the paper's rows given the shipped isolated adapter's CPU budget and recipe, so the
+# 4,000-target table compares like with like. Resumable across sessions and machines: rerun to continue
+# (each call trains a row for at most $MINUTES, default 60, then stops; commit the checkpoints between runs).
+#
+# The shipped isolated adapter = a GPU-trained start (prepend-marks, 253 x 32) + 222 CPU steps x 16 examples
+# (161 at tail 1, lr 2e-4, then 61 at tail 32, lr 1e-4), distilled from the prepend teacher (KL top-20,
+# weight 0.5), bf16 autocast, the same training data. Here each paper row continues from its own GPU-trained
+# adapter for 222 steps x 16 of that data at lr 2e-4 (cosine), distilled from the same teacher; the prepend
+# row trains on the target CE alone (its teacher would be its own starting point).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MINUTES=${MINUTES:-60}
+D=benchmarks/adapters/isolated-activated/data
+A=benchmarks/adapters/cpu-budget
+TEACHER=benchmarks/adapters/prepend-marks
+
+finished() {  # the adapter in $1 has trained all its steps
+    .venv/bin/python - "$1" <<'EOF'
+import json, sys
+from pathlib import Path
+log = Path(sys.argv[1]) / "training_log.json"
+record = json.loads(log.read_text())["record"] if log.exists() else {}
+sys.exit(0 if record.get("steps_done") == record.get("train_config", {}).get("steps") else 1)
+EOF
+}
+
+train() {  # OUT, then the row's own options
+    local out=$1
+    shift
+    if finished "$out"; then
+        echo "$out: all steps done"
+        return
+    fi
+    local resume=()
+    if [ -d "$out/checkpoints" ]; then resume=(--resume); fi
+    .venv/bin/flashback train "$out" --examples $D/train.jsonl.gz --val-examples $D/val256.jsonl.gz \
+        --lr 2e-4 --steps 222 --batch-size 16 --micro-batch-size 8 --eval-every 37 --save-every 5 \
+        --keep-checkpoints 1 --bf16 --max-minutes "$MINUTES" "${resume[@]}" "$@"
+}
+
+train $A/flashback --layout append --marks --init-adapter flashback_integrations/adapters/smollm2-135m-flashback \
+    --teacher-adapter $TEACHER --distill-weight 0.5
+train $A/append-nomarks --layout append --no-marks --init-adapter benchmarks/adapters/append-nomarks \
+    --teacher-adapter $TEACHER --distill-weight 0.5
+train $A/prepend-marks --layout prepend --marks --init-adapter $TEACHER
+for row in flashback append-nomarks prepend-marks; do
+    finished $A/$row || { echo "$A/$row: not finished yet; rerun this script"; exit 0; }
+done
+
+# The same 4,000 targets as benchmarks/whatsnew4000_t32.sh; paired ratios against its rows.
+.venv/bin/flashback eval ppl --examples benchmarks/eval/whatsnew_4000_seed7.examples.jsonl.gz --device cpu \
+    --flashback-adapter $A/flashback --append-adapter $A/append-nomarks --prepend-adapter $A/prepend-marks \
+    --row 'append + LoRA + MT (FlashBack)' --row 'append + LoRA' --row 'prepend + LoRA + MT' \
+    --stem ppl_cpu_budget_whatsnew4000
+.venv/bin/python benchmarks/ppl_ratios.py benchmarks/results/ppl_isolated_whatsnew4000_t32 \
+    benchmarks/results/ppl_cpu_budget_whatsnew4000 --out benchmarks/results/ppl_cpu_budget_whatsnew4000
