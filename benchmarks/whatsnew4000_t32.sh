@@ -12,10 +12,13 @@ eval_ppl() {
 }
 eval_ppl --row 'isolated + adapter' --stem "$(basename $R)_row2"
 eval_ppl --row 'no retrieval' --row 'prepend + LoRA + MT' --stem "$(basename $R)"
+# issue 13: the layout untrained, on the same targets
+eval_ppl --row 'isolated (untrained)' --stem "$(basename $R)_row6"
 eval_ppl --row 'isolated + prepend adapter' --stem "$(basename $R)_row4"
 # issue 14: "no retrieval with the adapter loaded" must equal no retrieval (the adapter is activated)
 eval_ppl --row 'no retrieval + isolated adapter' --stem "$(basename $R)_row5"
-eval_ppl --row 'no retrieval' --row 'isolated + adapter' --row 'prepend + LoRA + MT' \
+eval_ppl --row 'no retrieval' --row 'isolated (untrained)' --row 'isolated + adapter' --row 'prepend + LoRA + MT' \
     --row 'isolated + prepend adapter' --row 'no retrieval + isolated adapter' --stem "$(basename $R)" \
-    --merge-from "${R}_row2.partial.json" --merge-from "${R}_row4.partial.json" --merge-from "${R}_row5.partial.json"
+    --merge-from "${R}_row2.partial.json" --merge-from "${R}_row6.partial.json" \
+    --merge-from "${R}_row4.partial.json" --merge-from "${R}_row5.partial.json"
 .venv/bin/python benchmarks/ppl_ratios.py "$R"
