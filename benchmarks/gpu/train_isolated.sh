@@ -5,7 +5,8 @@
 #   2. the shipped recipe: --layout isolated --activated, initialised from that teacher, distilled from it
 #      (KL on its top-20 at the target positions, mixed 50/50 with the target CE), validation every 100 steps.
 # Same inputs as train_eval.sh (.gpu2/: gguf.part2, train/val/eval example files) after stage_and_speed.sh.
-# Knobs: TEACHER_STEPS, STEPS, BATCH, MAX_MIN_TEACHER, MAX_MIN, DISTILL, LR, EVAL_BATCH, DEVICE.
+# Knobs: TEACHER_STEPS, STEPS, BATCH, TAIL (history tokens reading the passage; 32 = the shipped default's),
+#        MAX_MIN_TEACHER, MAX_MIN, DISTILL, LR, EVAL_BATCH, DEVICE.
 # On the CPU this recipe ran at ~25-45 s per optimizer step of 16 examples (README, "The shipped default").
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD FLASHBACK_HOME=${FLASHBACK_HOME:-/tmp/fbhome} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -23,11 +24,11 @@ C="--examples $D/train.jsonl.gz --val-examples $D/val.jsonl.gz --batch-size $B -
 $FB train "$W/prepend-teacher" $C --layout prepend --marks --steps "${TEACHER_STEPS:-1500}" \
     --max-minutes "${MAX_MIN_TEACHER:-4}" > "$W/prepend-teacher.log" 2>&1
 tail -c 400 "$W/prepend-teacher.log" | tr '\r' '\n' | tail -2
-$FB train "$W/isolated" $C --layout isolated --marks --activated --steps "${STEPS:-3000}" --lr "${LR:-2e-4}" \
-    --init-adapter "$W/prepend-teacher" --teacher-adapter "$W/prepend-teacher" --distill-weight "${DISTILL:-0.5}" \
+$FB train "$W/isolated" $C --layout isolated --marks --activated --tail-tokens "${TAIL:-32}" \
+    --steps "${STEPS:-3000}" --lr "${LR:-2e-4}" --init-adapter "$W/prepend-teacher" --teacher-adapter "$W/prepend-teacher" --distill-weight "${DISTILL:-0.5}" \
     --max-minutes "${MAX_MIN:-5}" > "$W/isolated.log" 2>&1
 tail -c 400 "$W/isolated.log" | tr '\r' '\n' | tail -2
-E="--examples $D/eval.jsonl.gz --out $W/eval --device $DEV --batch-size ${EVAL_BATCH:-64} --stem ppl_isolated_gpu"
+E="--examples $D/eval.jsonl.gz --out $W/eval --device $DEV --batch-size ${EVAL_BATCH:-64} --stem ppl_isolated_gpu --tail-tokens ${TAIL:-32}"
 $FB eval ppl $E --prepend-adapter "$W/prepend-teacher" --isolated-adapter "$W/isolated" --row "no retrieval" \
     --row "prepend + LoRA + MT" --row "isolated + prepend adapter" --row "isolated + adapter" \
     --row "no retrieval + isolated adapter" 2>&1 | tail -12
