@@ -25,10 +25,12 @@ $FB train "$W/prepend-teacher" $C --layout prepend --marks --steps "${TEACHER_ST
     --max-minutes "${MAX_MIN_TEACHER:-4}" > "$W/prepend-teacher.log" 2>&1
 tail -c 400 "$W/prepend-teacher.log" | tr '\r' '\n' | tail -2
 $FB train "$W/isolated" $C --layout isolated --marks --activated --tail-tokens "${TAIL:-32}" \
-    --steps "${STEPS:-3000}" --lr "${LR:-2e-4}" --init-adapter "$W/prepend-teacher" --teacher-adapter "$W/prepend-teacher" --distill-weight "${DISTILL:-0.5}" \
+    --steps "${STEPS:-3000}" --lr "${LR:-2e-4}" --init-adapter "$W/prepend-teacher" \
+    --teacher-adapter "$W/prepend-teacher" --distill-weight "${DISTILL:-0.5}" \
     --max-minutes "${MAX_MIN:-5}" > "$W/isolated.log" 2>&1
 tail -c 400 "$W/isolated.log" | tr '\r' '\n' | tail -2
-E="--examples $D/eval.jsonl.gz --out $W/eval --device $DEV --batch-size ${EVAL_BATCH:-64} --stem ppl_isolated_gpu --tail-tokens ${TAIL:-32}"
+E="--examples $D/eval.jsonl.gz --out $W/eval --device $DEV --batch-size ${EVAL_BATCH:-64} --stem ppl_isolated_gpu
+   --tail-tokens ${TAIL:-32}"
 $FB eval ppl $E --prepend-adapter "$W/prepend-teacher" --isolated-adapter "$W/isolated" --row "no retrieval" \
     --row "prepend + LoRA + MT" --row "isolated + prepend adapter" --row "isolated + adapter" \
     --row "no retrieval + isolated adapter" 2>&1 | tail -12
