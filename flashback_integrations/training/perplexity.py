@@ -362,13 +362,13 @@ def plot_ppl(result: dict[str, Any], path: Path) -> None:
     names = [r["name"] for r in rows]
     ppl = [r["ppl"] for r in rows]
     err = [[r["ppl"] - r["ci_low"] for r in rows], [r["ci_high"] - r["ppl"] for r in rows]]
-    colors = [
-        "tab:gray" if r["layout"] == "none" else "tab:blue" if r["layout"] == "prepend" else "tab:orange" for r in rows
-    ]
+    palette = {"none": "tab:gray", "prepend": "tab:blue", "append": "tab:orange", "isolated": "tab:green"}
+    colors = [palette.get(r["layout"], "tab:orange") for r in rows]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     bars = ax.barh(names, ppl, xerr=err, color=colors, capsize=4)
-    for bar, value in zip(bars, ppl, strict=True):
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f"  {value:.2f}", va="center", fontsize=9)
+    for bar, row in zip(bars, rows, strict=True):  # the value right of the interval's whisker, not on it
+        ax.text(row["ci_high"], bar.get_y() + bar.get_height() / 2, f"  {row['ppl']:.2f}", va="center", fontsize=9)
+    ax.set_xlim(0, max(r["ci_high"] for r in rows) * 1.12)
     ax.invert_yaxis()
     ax.set_xlabel("perplexity (lower is better), 95% bootstrap CI")
     ax.set_title(f"{result['model']}: {result['scored_tokens']:,} target tokens", fontsize=10)
