@@ -5,6 +5,7 @@ per-target sums an `eval ppl` run keeps in its .partial.json; writes STEM_ratios
     python benchmarks/ppl_ratios.py STEM OTHER_STEM ...   # rows scored under several stems, rows in progress
                                                            # included, all cut to the targets every row has
     ... --out OUT_STEM                                     # write OUT_STEM_ratios.* instead of STEM_ratios.*
+    ... --vs 'isolated + prepend adapter (tail 32)'        # one more reference column (a row's name)
 
 A row of another stem named like an earlier one but scored otherwise (another adapter) is kept beside it as
 "NAME [OTHER_STEM]"; the references are always the first stem's rows.
@@ -21,7 +22,7 @@ from flashback_integrations.training.perplexity import bootstrap
 REFERENCES = ("no retrieval", "prepend + LoRA + MT")
 
 
-def main(stem: str, *others: str, out_stem: str | None = None) -> None:
+def main(stem: str, *others: str, out_stem: str | None = None, extra: tuple[str, ...] = ()) -> None:
     partial = json.loads(Path(f"{stem}.partial.json").read_text())
     rows = {json.loads(k)["name"]: np.asarray(v) for k, v in partial["rows"].items()}
     if others:  # an interim check: the first targets every row has scored (the same targets for every row)
@@ -40,19 +41,24 @@ def main(stem: str, *others: str, out_stem: str | None = None) -> None:
                         rows[name] = np.asarray(sums)
         common = min(len(v) for v in rows.values())
         rows = {name: v[:common] for name, v in rows.items()}
+    references = (*REFERENCES, *extra)
+    missing = [ref for ref in references if ref not in rows]
+    if missing:
+        raise SystemExit(f"no row named {missing}; the rows are {sorted(rows)} (pass one of them to --vs)")
     out: dict[str, dict[str, float]] = {name: {} for name in rows}
-    for ref in REFERENCES:
+    for ref in references:
         for name, entry in bootstrap(rows, 16, reference=ref).items():
             out[name].update({k: entry[k] for k in ("ppl", "ci_low", "ci_high")})
             if "ratio_to_reference" in entry:
                 out[name][f"vs {ref}"] = [entry["ratio_to_reference"], entry["ratio_ci_low"], entry["ratio_ci_high"]]
-    lines = [f"| row | PPL (95% CI) | vs {REFERENCES[0]} | vs {REFERENCES[1]} |", "|---|---|---|---|"]
+    header = " | ".join(f"vs {r}" for r in references)
+    lines = [f"| row | PPL (95% CI) | {header} |", "|---" * (2 + len(references)) + "|"]
     for name, e in out.items():
         cells = [
             f"{e[f'vs {r}'][0]:.3f} ({e[f'vs {r}'][1]:.3f}-{e[f'vs {r}'][2]:.3f})" if f"vs {r}" in e else "–"
-            for r in REFERENCES
+            for r in references
         ]
-        lines.append(f"| {name} | {e['ppl']:.2f} ({e['ci_low']:.2f}-{e['ci_high']:.2f}) | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {name} | {e['ppl']:.2f} ({e['ci_low']:.2f}-{e['ci_high']:.2f}) | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
     targets = len(next(iter(rows.values())))
@@ -67,5 +73,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stems", nargs="+", help="result stems (without .partial.json); the first gives the references")
     parser.add_argument("--out", help="output stem (default: the first stem)")
+    parser.add_argument("--vs", action="append", default=[], metavar="ROW", help="one more reference row, by name")
     args = parser.parse_args()
-    main(*args.stems, out_stem=args.out)
+    main(*args.stems, out_stem=args.out, extra=tuple(args.vs))

@@ -21,4 +21,4 @@ eval_ppl --row 'no retrieval' --row 'isolated (untrained)' --row 'isolated + ada
     --row 'isolated + prepend adapter' --row 'no retrieval + isolated adapter' --stem "$(basename $R)" \
     --merge-from "${R}_row2.partial.json" --merge-from "${R}_row6.partial.json" \
     --merge-from "${R}_row4.partial.json" --merge-from "${R}_row5.partial.json"
-.venv/bin/python benchmarks/ppl_ratios.py "$R"
+.venv/bin/python benchmarks/ppl_ratios.py "$R" --vs 'isolated + prepend adapter (tail 32)'
