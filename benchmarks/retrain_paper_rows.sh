@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 14, item 5: the paper's rows given the shipped isolated adapter's CPU budget and recipe, so the
 # 4,000-target table compares like with like. Resumable across sessions and machines: rerun to continue
-# (each call trains a row for at most $MINUTES, default 60, then stops; commit the checkpoints between runs).
+# (each call trains for at most $MINUTES, default 60, on the first unfinished row, then stops; commit the
+# checkpoints between runs).
 #
 # The shipped isolated adapter = a GPU-trained start (prepend-marks, 253 x 32) + 222 CPU steps x 16 examples
 # (161 at tail 1, lr 2e-4, then 61 at tail 32, lr 1e-4), distilled from the prepend teacher (KL top-20,
@@ -37,6 +38,8 @@ train() {  # OUT, then the row's own options
     .venv/bin/flashback train "$out" --examples $D/train.jsonl.gz --val-examples $D/val256.jsonl.gz \
         --lr 2e-4 --steps 222 --batch-size 16 --micro-batch-size 8 --eval-every 37 --save-every 5 \
         --keep-checkpoints 1 --bf16 --max-minutes "$MINUTES" "${resume[@]}" "$@"
+    # one row at a time: a row that ran out of time is continued by the next call before the next row starts
+    finished "$out" || { echo "$out: stopped after $MINUTES minutes; commit $out and rerun this script"; exit 0; }
 }
 
 train $A/flashback --layout append --marks --init-adapter flashback_integrations/adapters/smollm2-135m-flashback \
@@ -44,9 +47,6 @@ train $A/flashback --layout append --marks --init-adapter flashback_integrations
 train $A/append-nomarks --layout append --no-marks --init-adapter benchmarks/adapters/append-nomarks \
     --teacher-adapter $TEACHER --distill-weight 0.5
 train $A/prepend-marks --layout prepend --marks --init-adapter $TEACHER
-for row in flashback append-nomarks prepend-marks; do
-    finished $A/$row || { echo "$A/$row: not finished yet; rerun this script"; exit 0; }
-done
 
 # The same 4,000 targets as benchmarks/whatsnew4000_t32.sh; paired ratios against its rows.
 .venv/bin/flashback eval ppl --examples benchmarks/eval/whatsnew_4000_seed7.examples.jsonl.gz --device cpu \
