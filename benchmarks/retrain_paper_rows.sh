@@ -22,7 +22,8 @@ import json, sys
 from pathlib import Path
 log = Path(sys.argv[1]) / "training_log.json"
 record = json.loads(log.read_text())["record"] if log.exists() else {}
-sys.exit(0 if record.get("steps_done") == record.get("train_config", {}).get("steps") else 1)
+steps = record.get("train_config", {}).get("steps")
+sys.exit(0 if steps and record.get("steps_done") == steps else 1)  # no log yet: not finished
 EOF
 }
 
