@@ -1,6 +1,6 @@
 """Rescore one row on a span of targets in this process and compare its per-target sums with saved rows.
 
-Why: a row scored across sessions (resumed on another machine) may differ from a row scored in one
+Why: a row scored across sessions (a resumed run, another process) may differ from a row scored in one
 session by float rounding alone (1e-4 nats on a 16-token sum). Rescoring the span here tells rounding
 from a real difference: equal sums here mean the rows are the same function.
 
