@@ -16,31 +16,12 @@ D=benchmarks/adapters/isolated-activated/data
 A=benchmarks/adapters/cpu-budget
 TEACHER=benchmarks/adapters/prepend-marks
 
-finished() {  # the adapter in $1 has trained all its steps
-    .venv/bin/python - "$1" <<'EOF'
-import json, sys
-from pathlib import Path
-log = Path(sys.argv[1]) / "training_log.json"
-record = json.loads(log.read_text())["record"] if log.exists() else {}
-steps = record.get("train_config", {}).get("steps")
-sys.exit(0 if steps and record.get("steps_done") == steps else 1)  # no log yet: not finished
-EOF
-}
-
-train() {  # OUT, then the row's own options
+source benchmarks/resumable_train.sh
+train() {  # OUT, then the row's own options; the recipe every row shares
     local out=$1
     shift
-    if finished "$out"; then
-        echo "$out: all steps done"
-        return
-    fi
-    local resume=()
-    if [ -d "$out/checkpoints" ]; then resume=(--resume); fi
-    .venv/bin/flashback train "$out" --examples $D/train.jsonl.gz --val-examples $D/val256.jsonl.gz \
-        --lr 2e-4 --steps 222 --batch-size 16 --micro-batch-size 8 --eval-every 37 --save-every 5 \
-        --keep-checkpoints 1 --bf16 --max-minutes "$MINUTES" "${resume[@]}" "$@"
-    # one row at a time: a row that ran out of time is continued by the next call before the next row starts
-    finished "$out" || { echo "$out: stopped after $MINUTES minutes; commit $out and rerun this script"; exit 0; }
+    train_row "$out" --examples $D/train.jsonl.gz --val-examples $D/val256.jsonl.gz --lr 2e-4 --steps 222 \
+        --batch-size 16 --micro-batch-size 8 --eval-every 37 --save-every 5 --keep-checkpoints 1 --bf16 "$@"
 }
 
 train $A/flashback --layout append --marks --init-adapter flashback_integrations/adapters/smollm2-135m-flashback \

@@ -1,0 +1,27 @@
+# Sourced by the CPU training scripts of issue 14: one resumable `flashback train` per row, so a run spread
+# over sessions (and machines) continues where it stopped. Each call trains for at most $MINUTES and
+# exits the calling script when the row is not finished, so rows run one at a time.
+
+finished() {  # the adapter in $1 has trained all its steps
+    .venv/bin/python - "$1" <<'PY'
+import json, sys
+from pathlib import Path
+log = Path(sys.argv[1]) / "training_log.json"
+record = json.loads(log.read_text())["record"] if log.exists() else {}
+steps = record.get("train_config", {}).get("steps")
+sys.exit(0 if steps and record.get("steps_done") == steps else 1)  # no log yet: not finished
+PY
+}
+
+train_row() {  # OUT, then every `flashback train` option of the row (--max-minutes and --resume are added)
+    local out=$1
+    shift
+    if finished "$out"; then
+        echo "$out: all steps done"
+        return
+    fi
+    local resume=()
+    if [ -d "$out/checkpoints" ]; then resume=(--resume); fi
+    .venv/bin/flashback train "$out" --max-minutes "$MINUTES" "${resume[@]}" "$@"
+    finished "$out" || { echo "$out: stopped after $MINUTES minutes; commit $out and rerun this script"; exit 0; }
+}

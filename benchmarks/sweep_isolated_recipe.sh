@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue 14, item 2: the isolated recipe's learning rate, mark-row learning rate and distillation weight,
+# chosen on validation (never on `whatsnew`). Short runs from the shipped recipe's start (the prepend
+# adapter, activated, tail 1, distilled from the prepend teacher), the same 24 steps x 16 examples each,
+# one setting changed per run; the control is the shipped stage-1 setting (lr 2e-4, distill 0.5).
+# Resumable like retrain_paper_rows.sh: each call trains for at most $MINUTES (default 60), then stops;
+# commit benchmarks/adapters/sweep-isolated/ between calls. The table: benchmarks/results/val_sweep_isolated.*
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MINUTES=${MINUTES:-60}
+D=benchmarks/adapters/isolated-activated/data
+S=benchmarks/adapters/sweep-isolated
+TEACHER=benchmarks/adapters/prepend-marks
+source benchmarks/resumable_train.sh
+
+run() {  # NAME, then the options this run changes
+    local name=$1
+    shift
+    train_row "$S/$name" --examples $D/train.jsonl.gz --val-examples $D/val256.jsonl.gz \
+        --layout isolated --marks --activated --tail-tokens 1 --init-adapter $TEACHER \
+        --steps 24 --batch-size 16 --micro-batch-size 8 --eval-every 12 --save-every 6 --keep-checkpoints 1 \
+        --bf16 "$@"
+}
+
+run lr2e-4_distill0.5 --lr 2e-4 --teacher-adapter $TEACHER --distill-weight 0.5
+run lr1e-4_distill0.5 --lr 1e-4 --teacher-adapter $TEACHER --distill-weight 0.5
+run lr5e-4_distill0.5 --lr 5e-4 --teacher-adapter $TEACHER --distill-weight 0.5
+run lr2e-4_marklr2e-3_distill0.5 --lr 2e-4 --mark-lr 2e-3 --teacher-adapter $TEACHER --distill-weight 0.5
+run lr2e-4_distill0 --lr 2e-4 --distill-weight 0
+run lr2e-4_distill1 --lr 2e-4 --teacher-adapter $TEACHER --distill-weight 1
+
+.venv/bin/python benchmarks/sweep_table.py "$S" benchmarks/results/val_sweep_isolated
