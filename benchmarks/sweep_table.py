@@ -65,7 +65,8 @@ def main(sweep: str, out: str) -> None:
     Path(f"{out}.json").write_text(json.dumps(result, indent=1))
 
     evaluated = sorted({s for r in runs.values() for s in r["val_loss"]})
-    head = "| run | lr | mark lr | distill | steps | " + " | ".join(f"val @{s}" for s in evaluated) + " | ex/s |"
+    columns = " | ".join(f"val @{s}" for s in evaluated)
+    head = f"| run | lr | mark lr | distill | LoRA r | steps | {columns} | ex/s |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     best = min(runs, key=lambda n: runs[n]["val_loss"].get(max(evaluated), float("inf")))
     for name, r in sorted(runs.items(), key=lambda kv: kv[1]["val_loss"].get(max(evaluated), float("inf"))):
@@ -74,7 +75,7 @@ def main(sweep: str, out: str) -> None:
         rate = f"{r['examples_per_s']:.2f}" if r["examples_per_s"] else "–"
         label = f"**{name}**" if name == best else name
         lines.append(
-            f"| {label} | {s['lr']:g} | {s['mark_lr'] or s['lr']:g} | {s['distill_weight']:g} | "
+            f"| {label} | {s['lr']:g} | {s['mark_lr'] or s['lr']:g} | {s['distill_weight']:g} | {s['lora_r']} | "
             f"{r['steps_done']}/{r['steps']} | {vals} | {rate} |"
         )
     references = "; ".join(f"{name} {value:.4f}" for name, value in refs.items())

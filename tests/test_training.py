@@ -384,6 +384,31 @@ def test_unknown_target_modules_are_refused_before_the_model_changes(base_dir, e
     assert not (tmp_path / "a").exists()
 
 
+def test_init_adapter_starts_as_the_same_function_even_when_wider(base_dir, examples, tmp_path) -> None:
+    """--init-adapter: a run of higher rank, more target modules and another alpha / r starts where the
+    adapter is (the rank sweep of issue 14 warm-starts r=16 from the r=8 recipe); a wider adapter is refused."""
+    val = examples[40:56]
+    narrow = {**FAST, "steps": 2, "lora_r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    model, tok = _load_base(base_dir)
+    first = train(
+        model, tok, examples[:16], tmp_path / "narrow", TrainConfig(**narrow, save_dtype="float32"), val, SETTINGS,
+        "tiny", progress=False,
+    )  # fmt: skip
+    same = {**FAST, "steps": 1, "init_adapter": str(tmp_path / "narrow")}
+    for name, cfg in {
+        "same": TrainConfig(**{**narrow, **same}),
+        "wide": TrainConfig(**{**FAST, **same, "lora_r": 8, "lora_alpha": 16}),  # all projections, half the scale
+    }.items():
+        model, tok = _load_base(base_dir)
+        result = train(model, tok, examples[:16], tmp_path / name, cfg, val, SETTINGS, "tiny", progress=False)
+        assert result.log[0]["val_loss"] == pytest.approx(first.final_val_loss, abs=1e-6), name
+    assert first.log[0]["val_loss"] != pytest.approx(first.final_val_loss, abs=1e-3)  # the adapter learned
+    model, tok = _load_base(base_dir)
+    with pytest.raises(ConfigError, match=r"r=8 on .*this run uses r=4 .*at most this rank"):
+        train(model, tok, examples[:4], tmp_path / "x", TrainConfig(**narrow, init_adapter=str(tmp_path / "wide")))
+    assert not (tmp_path / "x").exists()
+
+
 def test_train_config_validation() -> None:
     with pytest.raises(ConfigError, match="layout"):
         TrainConfig(layout="none")

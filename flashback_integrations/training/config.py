@@ -43,7 +43,9 @@ class TrainConfig:
     activated: bool = setting(
         False, "isolated: LoRA on only from the passage on, so calls without retrieval stay the base model's."
     )
-    init_adapter: str | None = setting(None, "Start from this adapter's weights (same LoRA rank and targets).")
+    init_adapter: str | None = setting(
+        None, "Start from this adapter (as the same function): its rank and target modules at most this run's."
+    )
     distill_weight: float = setting(
         0.0, "Share of the loss that is the KL to the teacher's top-k (needs a teacher adapter); the rest: target CE."
     )

@@ -4,6 +4,7 @@ projections and trainable rows for exactly the two marks, optionally initialised
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -68,24 +69,64 @@ def prepare_model(model: Any, tokenizer: Any, cfg: TrainConfig) -> tuple[Any, Ma
     return get_peft_model(model, lora), marks
 
 
+def _lora_scale(config: dict[str, Any]) -> float:
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
 def init_from_adapter(peft_model: Any, directory: str | Path) -> None:
-    """Copy an adapter's LoRA and mark weights into ``peft_model`` (fine-tuning from it)."""
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
+    """Start ``peft_model`` from an adapter's LoRA and mark weights, as the same function.
+
+    The adapter may have a lower rank and fewer target modules than this run (a wider run warm-started
+    from a narrower one): its A rows and B columns fill the first ones, B rescaled when the two runs'
+    ``alpha / r`` differ, and the added B columns and modules start at zero, so the first forward
+    equals the adapter's."""
+    from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
     from ..loading.adapter import check_adapter_dir
 
     directory = check_adapter_dir(directory)
     ours = peft_model.peft_config["default"]
     theirs = json.loads((directory / "adapter_config.json").read_text())
-    if theirs.get("r") != ours.r or sorted(theirs.get("target_modules") or []) != sorted(ours.target_modules or []):
+    their_targets = set(theirs.get("target_modules") or [])
+    our_targets = set(ours.target_modules) if isinstance(ours.target_modules, list | set) else set()
+    r = theirs.get("r")
+    if (
+        not isinstance(r, int)
+        or r > ours.r
+        or not their_targets <= our_targets
+        or theirs.get("use_dora")
+        or theirs.get("rank_pattern")
+        or theirs.get("alpha_pattern")
+    ):
         raise ConfigError(
-            f"--init-adapter {directory} has LoRA r={theirs.get('r')} on {sorted(theirs.get('target_modules') or [])}; "
-            f"this run uses r={ours.r} on {sorted(ours.target_modules or [])}. Use the same rank and target modules."
+            f"--init-adapter {directory} has LoRA r={r} on {sorted(their_targets)}; this run uses r={ours.r} on "
+            f"{sorted(our_targets) or ours.target_modules}. Start from an adapter of at most this rank, on target "
+            "modules this run also trains (plain LoRA: no DoRA, no per-module ranks)."
         )
+    ratio = _lora_scale(theirs) / _lora_scale(
+        {"r": ours.r, "lora_alpha": ours.lora_alpha, "use_rslora": ours.use_rslora}
+    )
     weights = load_peft_weights(str(directory), device="cpu")
+    own = get_peft_model_state_dict(peft_model)
+    for key, tensor in weights.items():
+        if ".lora_A." in key and key in own and tensor.shape != own[key].shape:
+            wide = own[key].clone()  # the added rows keep PEFT's initialisation: B's zero columns mute them
+            wide[: tensor.shape[0]] = tensor
+            weights[key] = wide
+        elif ".lora_B." in key and key in own and (tensor.shape != own[key].shape or ratio != 1):
+            wide = torch.zeros_like(own[key])
+            wide[:, : tensor.shape[1]] = tensor.to(wide.dtype) * ratio
+            weights[key] = wide
     result = set_peft_model_state_dict(peft_model, weights)
-    # a tied output head shares the embedding's mark rows, which the adapter stores once
-    missing = [k for k in result.missing_keys if ("lora_" in k or "trainable_tokens" in k) and "lm_head." not in k]
+    # a tied output head shares the embedding's mark rows, which the adapter stores once; modules the
+    # adapter does not target start at PEFT's zero B
+    missing = [
+        k
+        for k in result.missing_keys
+        if ("lora_" in k and any(f".{t}." in k for t in their_targets))
+        or ("trainable_tokens" in k and "lm_head." not in k)
+    ]
     if missing:
         raise ConfigError(f"--init-adapter {directory} lacks weights this run trains ({missing[:3]}).")
 
