@@ -3,7 +3,8 @@
 # chosen on validation (never on `whatsnew`). Short runs from the shipped recipe's start (the prepend
 # adapter, activated, tail 1, distilled from the prepend teacher), the same 24 steps x 16 examples each,
 # one setting changed per run; the control is the shipped stage-1 setting (lr 2e-4, distill 0.5, r=8). The
-# r=16 run starts as the same function (the r=8 weights in its first rows, the rest of B zero).
+# r=16 run starts as the same function (the r=8 weights in its first rows, the rest of B zero); its
+# validation before the first step checks that on the real model, the other runs skip theirs (the control's).
 # Resumable like retrain_paper_rows.sh: each call trains for at most $MINUTES (default 60), then stops;
 # commit benchmarks/adapters/sweep-isolated/ between calls. The table: benchmarks/results/val_sweep_isolated.*
 set -euo pipefail
@@ -24,11 +25,11 @@ run() {  # NAME, then the options this run changes
 }
 
 run lr2e-4_distill0.5 --lr 2e-4 --teacher-adapter $TEACHER --distill-weight 0.5
-run lr2e-4_distill0 --lr 2e-4 --distill-weight 0
-run lr5e-4_distill0.5 --lr 5e-4 --teacher-adapter $TEACHER --distill-weight 0.5
-run lr1e-4_distill0.5 --lr 1e-4 --teacher-adapter $TEACHER --distill-weight 0.5
+run lr2e-4_distill0 --no-initial-eval --lr 2e-4 --distill-weight 0
+run lr5e-4_distill0.5 --no-initial-eval --lr 5e-4 --teacher-adapter $TEACHER --distill-weight 0.5
+run lr1e-4_distill0.5 --no-initial-eval --lr 1e-4 --teacher-adapter $TEACHER --distill-weight 0.5
 run r16_lr2e-4_distill0.5 --lr 2e-4 --lora-r 16 --lora-alpha 32 --teacher-adapter $TEACHER --distill-weight 0.5
-run lr2e-4_marklr2e-3_distill0.5 --lr 2e-4 --mark-lr 2e-3 --teacher-adapter $TEACHER --distill-weight 0.5
-run lr2e-4_distill1 --lr 2e-4 --teacher-adapter $TEACHER --distill-weight 1
+run lr2e-4_marklr2e-3_distill0.5 --no-initial-eval --lr 2e-4 --mark-lr 2e-3 --teacher-adapter $TEACHER --distill-weight 0.5
+run lr2e-4_distill1 --no-initial-eval --lr 2e-4 --teacher-adapter $TEACHER --distill-weight 1
 
 .venv/bin/python benchmarks/sweep_table.py "$S" benchmarks/results/val_sweep_isolated

@@ -78,6 +78,8 @@ def main(sweep: str, out: str) -> None:
             f"| {label} | {s['lr']:g} | {s['mark_lr'] or s['lr']:g} | {s['distill_weight']:g} | {s['lora_r']} | "
             f"{r['steps_done']}/{r['steps']} | {vals} | {rate} |"
         )
+    if any(0 in r["val_loss"] for r in runs.values()) and not all(0 in r["val_loss"] for r in runs.values()):
+        lines += ["", "A run without a val @0 skipped it (`--no-initial-eval`): all runs start as the same function."]
     references = "; ".join(f"{name} {value:.4f}" for name, value in refs.items())
     lines += ["", f"Validation NLL, nats per target token (lower is better). On the same targets: {references}."]
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")

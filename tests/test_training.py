@@ -402,6 +402,13 @@ def test_init_adapter_starts_as_the_same_function_even_when_wider(base_dir, exam
         model, tok = _load_base(base_dir)
         result = train(model, tok, examples[:16], tmp_path / name, cfg, val, SETTINGS, "tiny", progress=False)
         assert result.log[0]["val_loss"] == pytest.approx(first.final_val_loss, abs=1e-6), name
+    # runs that share their start (a sweep) can skip the validation before the first step
+    model, tok = _load_base(base_dir)
+    cfg = TrainConfig(**{**narrow, **same, "steps": 3, "initial_eval": False})
+    log = train(model, tok, examples[:16], tmp_path / "skip", cfg, val, SETTINGS, "tiny", progress=False).log
+    assert [e["step"] for e in log if "val_loss" in e] == [3]
+    record = json.loads((tmp_path / "skip" / "training_log.json").read_text())["record"]
+    assert record["initial_val_loss"] is None and record["final_val_loss"] == log[-1]["val_loss"]
     assert first.log[0]["val_loss"] != pytest.approx(first.final_val_loss, abs=1e-3)  # the adapter learned
     model, tok = _load_base(base_dir)
     with pytest.raises(ConfigError, match=r"r=8 on .*this run uses r=4 .*at most this rank"):

@@ -30,6 +30,9 @@ class TrainConfig:
     batch_size: int = setting(16, "Examples per optimizer step.")
     micro_batch_size: int = setting(16, "Examples per forward (gradient accumulation).")
     eval_every: int = setting(100, "Validation loss every N steps.")
+    initial_eval: bool = setting(
+        True, "Validation loss before the first step (off: runs that share their start, e.g. a sweep, skip it)."
+    )
     save_every: int = setting(100, "Checkpoint every N steps.")
     keep_checkpoints: int = setting(2, "Checkpoints kept (older ones are deleted).")
     seed: int = setting(0, "Seed for the example order, dropout and LoRA initialisation.")

@@ -44,7 +44,7 @@ from .scoring import evaluate_loss, pad_id_of, training_loss
 from .setup import init_from_adapter, prepare_model
 
 # Attention and MLP projections per architecture (PEFT's "all-linear" minus the output head,
-RESUME_MAY_CHANGE = {"max_minutes", "device", "bf16", "eval_every", "save_every", "keep_checkpoints"}
+RESUME_MAY_CHANGE = {"max_minutes", "device", "bf16", "eval_every", "initial_eval", "save_every", "keep_checkpoints"}
 LOG_NAME = "training_log.json"
 PLOT_NAME = "loss.png"
 
@@ -173,7 +173,7 @@ def train(
     started = time.perf_counter()
     stopped = None
     peft_model.train()
-    if step == 0 and val_examples:
+    if step == 0 and val_examples and cfg.initial_eval:
         log.append({"step": 0, "val_loss": evaluate_loss(peft_model, val_examples, cfg, marks, pad_id, autocast)})
     bar = None
     if progress:
@@ -252,7 +252,7 @@ def train(
         "train_data": {**summarize(train_examples), **(data_info or {})},
         "val_data": summarize(val_examples) if val_examples else None,
         "steps_done": step,
-        "initial_val_loss": val_losses[0] if val_losses else None,
+        "initial_val_loss": next((e["val_loss"] for e in log if e["step"] == 0 and "val_loss" in e), None),
         "final_val_loss": final_val,
         "train_seconds": round(elapsed_before + time.perf_counter() - started, 1),
         "hardware": _hardware(device),
