@@ -230,6 +230,7 @@ def test_training_lowers_the_loss_and_changes_only_lora_and_the_mark_rows(base_d
     files = {p.name for p in (tmp_path / "a").iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "flashback_adapter.json", "loss.png"} <= files
     assert not any(f.endswith((".bin", ".pt")) for f in files) and "checkpoints" not in files
+    assert "README.md" not in files  # no empty model card naming this machine's paths
     manifest = json.loads((tmp_path / "a" / "flashback_adapter.json").read_text())
     assert manifest["flashback_config"]["mode"] == "append" and manifest["flashback_config"]["marks"] is True
     assert manifest["mark_token_ids"] == [marks.left, marks.right]

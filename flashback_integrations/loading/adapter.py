@@ -101,7 +101,11 @@ def save_adapter(
     # 135M-model adapter ~100 MB, so skip them when the rows are covered that way.
     configs = getattr(peft_model, "peft_config", {}).values()
     rows_only = any(getattr(c, "trainable_token_indices", None) for c in configs)
+    card = directory / "README.md"
+    had_card = card.exists()
     peft_model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False if rows_only else "auto")
+    if not had_card:  # PEFT's empty model card, naming the local path of the base; the manifest is the card
+        card.unlink(missing_ok=True)
     if save_tokenizer:
         tokenizer.save_pretrained(directory)
     manifest.extra[WEIGHTS_DIGEST] = weights_digest(directory)
