@@ -27,8 +27,9 @@ run() {  # NAME, then the options this run changes
 run lr2e-4_distill0.5 --lr 2e-4 --teacher-adapter $TEACHER --distill-weight 0.5
 run lr2e-4_distill0 --no-initial-eval --lr 2e-4 --distill-weight 0
 run lr5e-4_distill0.5 --no-initial-eval --lr 5e-4 --teacher-adapter $TEACHER --distill-weight 0.5
-run lr1e-4_distill0.5 --no-initial-eval --lr 1e-4 --teacher-adapter $TEACHER --distill-weight 0.5
+run lr1e-3_distill0.5 --no-initial-eval --lr 1e-3 --teacher-adapter $TEACHER --distill-weight 0.5
 run r16_lr2e-4_distill0.5 --lr 2e-4 --lora-r 16 --lora-alpha 32 --teacher-adapter $TEACHER --distill-weight 0.5
+run lr1e-4_distill0.5 --no-initial-eval --lr 1e-4 --teacher-adapter $TEACHER --distill-weight 0.5
 run lr2e-4_marklr2e-3_distill0.5 --no-initial-eval --lr 2e-4 --mark-lr 2e-3 --teacher-adapter $TEACHER --distill-weight 0.5
 run lr2e-4_distill1 --no-initial-eval --lr 2e-4 --teacher-adapter $TEACHER --distill-weight 1
 
