@@ -85,9 +85,11 @@ def main(sweep: str, out: str) -> None:
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    start = next((r["val_loss"][0] for r in runs.values() if 0 in r["val_loss"]), None)
     for name, r in runs.items():
-        steps = sorted(r["val_loss"])
-        ax.plot(steps, [r["val_loss"][k] for k in steps], marker="o", label=name)
+        curve = {0: start, **r["val_loss"]} if start is not None else r["val_loss"]  # the shared start
+        steps = sorted(curve)
+        ax.plot(steps, [curve[k] for k in steps], marker="o", label=name)
     for name, value in refs.items():
         if name != "no retrieval":  # far above the runs; it would flatten the plot
             ax.axhline(value, ls="--", lw=0.8, color="grey")
