@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..loading.adapter import add_mark_tokens
 from .config import TrainConfig
 
+# Attention and MLP projections per architecture (PEFT's "all-linear" minus the output head,
 # spelled out so the choice is visible in the adapter config).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -24,8 +25,6 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
-# Settings that do not change what is learned, so a resumed run may differ in them (e.g. a CPU run
-# spread over sessions with a time budget each, or continued on another device).
 
 
 def default_target_modules(model: Any) -> list[str] | str:

@@ -43,7 +43,8 @@ from .examples import Example, ExampleSettings, summarize
 from .scoring import evaluate_loss, pad_id_of, training_loss
 from .setup import init_from_adapter, prepare_model
 
-# Attention and MLP projections per architecture (PEFT's "all-linear" minus the output head,
+# Settings that do not change what is learned, so a resumed run may differ in them (e.g. a CPU run
+# spread over sessions with a time budget each, or continued on another device).
 RESUME_MAY_CHANGE = {"max_minutes", "device", "bf16", "eval_every", "initial_eval", "save_every", "keep_checkpoints"}
 LOG_NAME = "training_log.json"
 PLOT_NAME = "loss.png"
