@@ -35,6 +35,5 @@ run lr2e-4_distill1 --no-initial-eval --lr 2e-4 --teacher-adapter $TEACHER --dis
 # the two best single changes together (lr 5e-4 and r=16 each gained about 0.003 nats at step 24)
 run r16_lr5e-4_distill0.5 --no-initial-eval --lr 5e-4 --lora-r 16 --lora-alpha 32 --teacher-adapter $TEACHER \
     --distill-weight 0.5
-run lr1e-4_distill0.5 --no-initial-eval --lr 1e-4 --teacher-adapter $TEACHER --distill-weight 0.5
 
 .venv/bin/python benchmarks/sweep_table.py "$S" benchmarks/results/val_sweep_isolated
