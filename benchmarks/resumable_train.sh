@@ -1,6 +1,7 @@
 # Sourced by the CPU training scripts of issue 14: one resumable `flashback train` per row, so a run spread
-# over sessions (and machines) continues where it stopped. Each call trains for at most $MINUTES and
-# exits the calling script when the row is not finished, so rows run one at a time.
+# over sessions (and machines) continues where it stopped. $MINUTES is the budget of the whole call: a row
+# that finishes early hands what is left to the next row, and the call exits when the budget runs out, so a
+# session can give it exactly the time it has.
 
 finished() {  # the adapter in $1 has trained all its steps
     .venv/bin/python - "$1" <<'PY'
@@ -20,8 +21,13 @@ train_row() {  # OUT, then every `flashback train` option of the row (--max-minu
         echo "$out: all steps done"
         return
     fi
+    local left=$(( MINUTES - SECONDS / 60 ))  # SECONDS: bash's clock since the script started
+    if [ "$left" -lt 10 ]; then  # model load, teacher, first validation: not worth starting a row
+        echo "$out: not started, ${left} of $MINUTES minutes left; commit and rerun this script"
+        exit 0
+    fi
     local resume=()
     if [ -d "$out/checkpoints" ]; then resume=(--resume); fi
-    .venv/bin/flashback train "$out" --max-minutes "$MINUTES" "${resume[@]}" "$@"
+    .venv/bin/flashback train "$out" --max-minutes "$left" "${resume[@]}" "$@"
     finished "$out" || { echo "$out: stopped after $MINUTES minutes; commit $out and rerun this script"; exit 0; }
 }

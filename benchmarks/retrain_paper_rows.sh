@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 14, item 5: the paper's rows given the shipped isolated adapter's CPU budget and recipe, so the
 # 4,000-target table compares like with like. Resumable across sessions and machines: rerun to continue
-# (each call trains for at most $MINUTES, default 60, on the first unfinished row, then stops; commit the
+# (each call trains for at most $MINUTES in all, default 60, row after row, then stops; commit the
 # checkpoints between runs).
 #
 # The shipped isolated adapter = a GPU-trained start (prepend-marks, 253 x 32) + 222 CPU steps x 16 examples

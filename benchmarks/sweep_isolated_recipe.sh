@@ -6,7 +6,7 @@
 # r=16 run starts as the same function (the r=8 weights in its first rows, the rest of B zero); its
 # validation before the first step checks that on the real model, the other runs skip theirs (the control's).
 # LoRA targets are not swept: the start already trains every linear projection (the widening cannot drop any).
-# Resumable like retrain_paper_rows.sh: each call trains for at most $MINUTES (default 60), then stops;
+# Resumable like retrain_paper_rows.sh: each call trains for at most $MINUTES in all (default 60), then stops;
 # commit benchmarks/adapters/sweep-isolated/ between calls. The table: benchmarks/results/val_sweep_isolated.*
 set -euo pipefail
 cd "$(dirname "$0")/.."
