@@ -30,10 +30,23 @@ train $A/append-nomarks --layout append --no-marks --init-adapter benchmarks/ada
     --teacher-adapter $TEACHER --distill-weight 0.5
 train $A/prepend-marks --layout prepend --marks --init-adapter $TEACHER
 
-# The same 4,000 targets as benchmarks/whatsnew4000_t32.sh; paired ratios against its rows.
-.venv/bin/flashback eval ppl --examples benchmarks/eval/whatsnew_4000_seed7.examples.jsonl.gz --device cpu \
-    --flashback-adapter $A/flashback --append-adapter $A/append-nomarks --prepend-adapter $A/prepend-marks \
-    --row 'append + LoRA + MT (FlashBack)' --row 'append + LoRA' --row 'prepend + LoRA + MT' \
-    --stem ppl_cpu_budget_whatsnew4000
+# The same 4,000 targets as benchmarks/whatsnew4000_t32.sh; paired ratios against its rows. Scoring keeps
+# its partial results (benchmarks/results/ppl_cpu_budget_whatsnew4000.partial.json, saved every 30 s), so
+# the budget stops it like the training and the next call resumes it.
+left=$(( MINUTES - SECONDS / 60 ))
+if [ "$left" -lt 5 ]; then
+    echo "scoring not started, ${left} of $MINUTES minutes left; rerun this script"
+    exit 0
+fi
+status=0
+timeout "${left}m" .venv/bin/flashback eval ppl --examples benchmarks/eval/whatsnew_4000_seed7.examples.jsonl.gz \
+    --device cpu --flashback-adapter $A/flashback --append-adapter $A/append-nomarks \
+    --prepend-adapter $A/prepend-marks --row 'append + LoRA + MT (FlashBack)' --row 'append + LoRA' \
+    --row 'prepend + LoRA + MT' --stem ppl_cpu_budget_whatsnew4000 || status=$?
+if [ "$status" -eq 124 ]; then
+    echo "scoring stopped after $MINUTES minutes; commit benchmarks/results/ppl_cpu_budget_whatsnew4000.partial.json and rerun"
+    exit 0
+fi
+[ "$status" -eq 0 ] || exit "$status"
 .venv/bin/python benchmarks/ppl_ratios.py benchmarks/results/ppl_isolated_whatsnew4000_t32 \
     benchmarks/results/ppl_cpu_budget_whatsnew4000 --out benchmarks/results/ppl_cpu_budget_whatsnew4000
