@@ -16,6 +16,7 @@ import math
 import platform
 import random
 import shutil
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -300,7 +301,7 @@ def plot_losses(log: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 
     train = [(e["step"], e["loss"]) for e in log if "loss" in e]
     val = [(e["step"], e["val_loss"]) for e in log if "val_loss" in e]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.4), layout="constrained")
     if train:
         steps, losses = zip(*train, strict=True)
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=0.8, label="train (per step)")
@@ -315,9 +316,8 @@ def plot_losses(log: Sequence[dict[str, Any]], path: Path, title: str) -> None:
         ax.plot(steps, losses, "o-", color="tab:orange", label="validation")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("target-token NLL (nats)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 80), fontsize=10)  # base model names are long
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    fig.legend(loc="outside lower center", ncols=3, fontsize=9)  # below the axes: never over the curves
     fig.savefig(path, dpi=120)
     plt.close(fig)
