@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -29,7 +30,8 @@ from flashback_integrations.training.examples import (
     split_documents,
 )
 from flashback_integrations.training.perplexity import PplRow, bootstrap, paper_rows, run_eval
-from flashback_integrations.training.scoring import collate, target_nll
+from flashback_integrations.training.scoring import collate, pad_id_of, target_logprobs, target_nll, training_loss
+from flashback_integrations.training.setup import load_for_training
 from flashback_integrations.training.trainer import TrainConfig, train
 
 SETTINGS = ExampleSettings(
@@ -657,3 +659,54 @@ def test_eval_merges_rows_scored_in_parallel_under_another_stem(base_dir, exampl
     with pytest.raises(ConfigError, match="other examples or another model"):
         run_eval(ex, rows, tmp_path, "third", str(base_dir), "cpu", progress=False,
                  merge_from=[tmp_path / "other.partial.json"])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def marked_teacher(base_dir, examples, tmp_path_factory):
+    """A prepend + marks adapter (two steps) merged into a second base: the distillation teacher."""
+    out = tmp_path_factory.mktemp("teacher") / "prepend"
+    model, tok = _load_base(base_dir)
+    train(model, tok, examples[:8], out, TrainConfig(**{**FAST, "layout": "prepend", "steps": 2}), progress=False)
+    return load_for_training(str(base_dir), out)[2]
+
+
+def _distill_loss_by_hand(student, teacher, batch, layout, marks, pad_id, w=0.5, k=20):
+    excluded = [marks.left, marks.right] if marks else []
+    s = target_logprobs(student, batch, layout, marks, pad_id, excluded)
+    t_ex = [teacher.marks.left, teacher.marks.right]
+    t = target_logprobs(teacher.model, batch, "prepend", teacher.marks, pad_id, t_ex)[..., : s.shape[-1]]
+    ce = -s.gather(-1, torch.tensor([e.tgt for e in batch])[..., None]).mean()
+    top, at = t.topk(k, dim=-1)
+    return (1 - w) * ce + w * (top.exp() * (top - s.gather(-1, at))).sum(-1).mean(), ce
+
+
+def test_distilling_from_itself_leaves_only_the_cross_entropy(marked_teacher, examples, base_dir) -> None:
+    """KL(p || p) = 0: a student that is its teacher, reading the same layout, pays only (1-w) CE."""
+    tok = _load_base(base_dir)[1]
+    marks = marked_teacher.marks
+    cfg = TrainConfig(**{**FAST, "layout": "prepend", "distill_weight": 0.5})
+    batch = examples[:4]
+    with torch.no_grad():
+        loss = training_loss(marked_teacher.model, batch, cfg, marks, pad_id_of(tok), [marks.left, marks.right],
+                             False, marked_teacher)  # fmt: skip
+        _, ce = _distill_loss_by_hand(marked_teacher.model, marked_teacher, batch, "prepend", marks, pad_id_of(tok))
+    assert float(loss) == pytest.approx(0.5 * float(ce), abs=1e-6)
+
+
+def test_a_student_without_marks_distills_from_a_teacher_with_them(marked_teacher, examples, base_dir, tmp_path):
+    """append + LoRA (no marks) distilled from prepend + LoRA + MT: the teacher reads the passage framed by
+    its own marks, never predicts them, and its vocabulary is cut to the student's (it used to index past it)."""
+    model, tok = _load_base(base_dir)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    assert marked_teacher.marks is not None and marked_teacher.marks.left >= vocab
+    with torch.no_grad():  # make the marks the teacher's likeliest tokens, so an unmasked top-k would pick them
+        marked_teacher.model.get_output_embeddings().weight[vocab:] *= 50
+    cfg = TrainConfig(**{**FAST, "marks": False, "distill_weight": 0.5})
+    batch = examples[:4]
+    with torch.no_grad():
+        loss = training_loss(model, batch, cfg, None, pad_id_of(tok), [], False, marked_teacher)
+        expected, _ = _distill_loss_by_hand(model, marked_teacher, batch, "append", None, pad_id_of(tok))
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    result = train(model, tok, examples[:8], tmp_path / "s", dataclasses.replace(cfg, steps=2), (),
+                   SETTINGS, "tiny", progress=False, teacher=marked_teacher)  # fmt: skip
+    assert result.steps == 2 and all(math.isfinite(e["loss"]) for e in result.log if "loss" in e)

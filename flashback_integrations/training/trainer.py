@@ -41,7 +41,7 @@ from .checkpoints import (
 )
 from .config import TrainConfig
 from .examples import Example, ExampleSettings, summarize
-from .scoring import evaluate_loss, pad_id_of, training_loss
+from .scoring import Teacher, evaluate_loss, pad_id_of, training_loss
 from .setup import init_from_adapter, prepare_model
 
 # Settings that do not change what is learned, so a resumed run may differ in them (e.g. a CPU run
@@ -97,13 +97,13 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[dict[str, Any]], None] | None = None,
-    teacher: Any = None,
+    teacher: Teacher | None = None,
 ) -> TrainResult:
     """Train the FlashBack adapter on ``model`` (modified in place: marks added, PEFT-wrapped) and
     write it to ``output_dir`` with its manifest, log and loss curve.
 
-    ``teacher`` (with ``cfg.distill_weight > 0``): a frozen model that reads the passage prepended
-    (e.g. the base with the prepend + LoRA + MT adapter merged, same marks); the student learns its
+    ``teacher`` (with ``cfg.distill_weight > 0``): a frozen model that reads the passage prepended with
+    its own marks (e.g. the base with the prepend + LoRA + MT adapter merged); the student learns its
     top-``distill_top_k`` distribution at every target position (context distillation)."""
     from transformers import get_cosine_schedule_with_warmup
 
@@ -133,8 +133,8 @@ def train(
     if cfg.activated and not activate(peft_model):
         raise ConfigError("activated=True found no LoRA layers to gate.")
     if teacher is not None:
-        teacher.to(device).eval()
-        teacher.requires_grad_(False)
+        teacher.model.to(device).eval()
+        teacher.model.requires_grad_(False)
     pad_id = pad_id_of(tokenizer)
     excluded = [marks.left, marks.right] if marks else []
     params = trainable_params(peft_model)
