@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -30,7 +31,14 @@ from flashback_integrations.training.examples import (
     split_documents,
 )
 from flashback_integrations.training.perplexity import PplRow, bootstrap, paper_rows, run_eval
-from flashback_integrations.training.scoring import collate, pad_id_of, target_logprobs, target_nll, training_loss
+from flashback_integrations.training.scoring import (
+    Teacher,
+    collate,
+    pad_id_of,
+    target_logprobs,
+    target_nll,
+    training_loss,
+)
 from flashback_integrations.training.setup import load_for_training
 from flashback_integrations.training.trainer import TrainConfig, train
 
@@ -699,6 +707,7 @@ def test_a_student_without_marks_distills_from_a_teacher_with_them(marked_teache
     model, tok = _load_base(base_dir)
     vocab = model.get_input_embeddings().weight.shape[0]
     assert marked_teacher.marks is not None and marked_teacher.marks.left >= vocab
+    marked_teacher = Teacher(copy.deepcopy(marked_teacher.model), marked_teacher.marks)  # the fixture stays as is
     with torch.no_grad():  # make the marks the teacher's likeliest tokens, so an unmasked top-k would pick them
         marked_teacher.model.get_output_embeddings().weight[vocab:] *= 50
     cfg = TrainConfig(**{**FAST, "marks": False, "distill_weight": 0.5})
