@@ -48,5 +48,8 @@ if [ "$status" -eq 124 ]; then
     exit 0
 fi
 [ "$status" -eq 0 ] || exit "$status"
-.venv/bin/python benchmarks/ppl_ratios.py benchmarks/results/ppl_isolated_whatsnew4000_t32 \
-    benchmarks/results/ppl_cpu_budget_whatsnew4000 --out benchmarks/results/ppl_cpu_budget_whatsnew4000
+# Ratios against the committed references and, like with like, against the retrained prepend row; the
+# shipped isolated adapter's row (_row2) sits beside them.
+R=benchmarks/results/ppl_isolated_whatsnew4000_t32
+.venv/bin/python benchmarks/ppl_ratios.py $R ${R}_row2 benchmarks/results/ppl_cpu_budget_whatsnew4000 \
+    --vs 'prepend + LoRA + MT [ppl_cpu_budget_whatsnew4000]' --out benchmarks/results/ppl_cpu_budget_whatsnew4000
