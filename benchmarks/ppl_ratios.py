@@ -6,6 +6,8 @@ per-target sums an `eval ppl` run keeps in its .partial.json; writes STEM_ratios
                                                            # included, all cut to the targets every row has
     ... --out OUT_STEM                                     # write OUT_STEM_ratios.* instead of STEM_ratios.*
     ... --vs 'isolated + prepend adapter (tail 32)'        # one more reference column (a row's name)
+    ... --finished                                         # leave out rows still in progress (all targets
+                                                           # of the finished rows, not the shortest row's)
 
 A row of another stem named like an earlier one but scored otherwise (another adapter) is kept beside it as
 "NAME [OTHER_STEM]"; the references are always the first stem's rows.
@@ -22,7 +24,9 @@ from flashback_integrations.training.perplexity import bootstrap
 REFERENCES = ("no retrieval", "prepend + LoRA + MT")
 
 
-def main(stem: str, *others: str, out_stem: str | None = None, extra: tuple[str, ...] = ()) -> None:
+def main(
+    stem: str, *others: str, out_stem: str | None = None, extra: tuple[str, ...] = (), finished: bool = False
+) -> None:
     partial = json.loads(Path(f"{stem}.partial.json").read_text())
     rows = {json.loads(k)["name"]: np.asarray(v) for k, v in partial["rows"].items()}
     if others:  # an interim check: the first targets every row has scored (the same targets for every row)
@@ -31,7 +35,7 @@ def main(stem: str, *others: str, out_stem: str | None = None, extra: tuple[str,
             state = json.loads(Path(f"{path}.partial.json").read_text())
             if state["examples_digest"] != partial["examples_digest"]:
                 raise SystemExit(f"{path} scored other examples than {stem}")
-            for src in (state["rows"], state.get("in_progress") or {}):
+            for src in (state["rows"], {} if finished else state.get("in_progress") or {}):
                 for key, sums in src.items():
                     name = json.loads(key)["name"]
                     if name in keys and keys[name] != key:
@@ -74,5 +78,6 @@ if __name__ == "__main__":
     parser.add_argument("stems", nargs="+", help="result stems (without .partial.json); the first gives the references")
     parser.add_argument("--out", help="output stem (default: the first stem)")
     parser.add_argument("--vs", action="append", default=[], metavar="ROW", help="one more reference row, by name")
+    parser.add_argument("--finished", action="store_true", help="leave out the rows still in progress")
     args = parser.parse_args()
-    main(*args.stems, out_stem=args.out, extra=tuple(args.vs))
+    main(*args.stems, out_stem=args.out, extra=tuple(args.vs), finished=args.finished)
