@@ -49,7 +49,7 @@ if [ "$status" -eq 124 ]; then
 fi
 [ "$status" -eq 0 ] || exit "$status"
 # Ratios against the committed references and, like with like, against the retrained prepend row; the
-# shipped isolated adapter's row (_row2) sits beside them.
+# shipped isolated adapter (_row2) and the baseline (_row4) sit beside them.
 R=benchmarks/results/ppl_isolated_whatsnew4000_t32
-.venv/bin/python benchmarks/ppl_ratios.py $R ${R}_row2 benchmarks/results/ppl_cpu_budget_whatsnew4000 \
+.venv/bin/python benchmarks/ppl_ratios.py $R ${R}_row2 ${R}_row4 benchmarks/results/ppl_cpu_budget_whatsnew4000 \
     --vs 'prepend + LoRA + MT [ppl_cpu_budget_whatsnew4000]' --out benchmarks/results/ppl_cpu_budget_whatsnew4000
