@@ -156,6 +156,17 @@ class LoadSettings:
         factory=dict,
     )
 
+    def __post_init__(self) -> None:
+        from .loading.devices import check_model_kwargs, check_trust_remote_code
+
+        check_trust_remote_code(self.trust_remote_code)
+        object.__setattr__(self, "model_kwargs", check_model_kwargs(self.model_kwargs))  # frozen: set once
+        if self.model_kwargs and self.backend != "torch":
+            raise ConfigError(
+                f"model_kwargs are from_pretrained arguments of the torch backend; backend={self.backend!r} "
+                "loads no transformers model. Drop them."
+            )
+
     def _where(self) -> dict[str, Any]:
         if self.backend == "openai":
             return {"server_url": self.server_url, "served_model": self.served_model}
@@ -164,10 +175,10 @@ class LoadSettings:
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``FlashBackModel.shared``/``from_pretrained`` besides model and adapter."""
         return {
+            **self.model_kwargs,  # checked: none of them names an argument below, which come last anyway
             "dtype": self.dtype,
             "device": self.device,
             "revision": self.revision,
             "trust_remote_code": self.trust_remote_code,
             **({"backend": self.backend, **self._where()} if self.backend != "torch" else {}),
-            **self.model_kwargs,
         }

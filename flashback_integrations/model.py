@@ -21,7 +21,7 @@ from .engine.sampling import Sampling, validate_logprobs, validate_sampling
 from .errors import ConfigError, ContextWindowError, MarksUnavailableError
 from .events import Event, FlashBackCallback, GenerationResult, final_result
 from .loading.adapter import AdapterManifest, load_adapter
-from .loading.devices import auto_placement, check_model_kwargs
+from .loading.devices import auto_placement, check_model_kwargs, check_trust_remote_code
 from .loading.resolve import load_pretrained, resolve_model
 from .loading.shipped import choose_adapter
 from .retrieval import RetrieverLike, as_retrieve_fn
@@ -101,12 +101,18 @@ class FlashBackModel:
         ``trust_remote_code=True``. ``backend="llamacpp"`` runs a GGUF instead (:meth:`from_gguf`),
         ``backend="openai"`` a completions server at ``server_url`` (:meth:`from_server`).
         """
+        check_trust_remote_code(trust_remote_code)
+        model_kwargs = check_model_kwargs(model_kwargs)
         if backend != "torch":
             from .loading.backends import load_backend
 
+            if model_kwargs or trust_remote_code:
+                raise ConfigError(
+                    f"model_kwargs and trust_remote_code are torch from_pretrained arguments; backend={backend!r} "
+                    "loads no transformers model. Drop them."
+                )
             where = {"gguf": gguf, "server_url": server_url, "served_model": served_model}
             return cls._with_saved(load_backend(name_or_path, adapter, backend, **where), config)
-        model_kwargs = check_model_kwargs(model_kwargs)
         dtype, device = auto_placement(dtype, device, model_kwargs.get("device_map"))
         if revision is not None and (not isinstance(revision, str) or not revision.strip()):
             raise ConfigError(f"revision must be a branch, tag or commit name, got {revision!r}.")
@@ -201,6 +207,7 @@ class FlashBackModel:
         """One instance per (model, adapter, loading arguments) in this process: framework objects built
         many times over the same model (LangChain, LlamaIndex) load the weights once. ``mode`` picks
         the shipped adapter of ``"default"`` for that layout."""
+        check_trust_remote_code(trust_remote_code)
         model_kwargs = check_model_kwargs(model_kwargs)
         dtype, placed = auto_placement(dtype, device, model_kwargs.get("device_map"))
         chosen = choose_adapter(name_or_path, adapter, FlashBackConfig(mode=mode) if mode else None)

@@ -41,28 +41,54 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-# Set by FlashBack itself (from its own arguments); in model_kwargs they would be ambiguous.
+# Set by FlashBack itself (from its own arguments); in model_kwargs they would be ambiguous, and
+# trust_remote_code there would slip past the explicit refusal. Matched case- and dash-insensitively.
 _OWN_LOAD_ARGS = {
     "dtype": "dtype",
     "torch_dtype": "dtype",
     "trust_remote_code": "trust_remote_code",
     "revision": "revision",
+    "code_revision": "revision",
     "device": "device",
+    "model_kwargs": "model_kwargs",
 }
 # Attention kernels that take the engine's explicit 4-D masks and position ids.
 MASK_ATTENTION = ("eager", "sdpa")
 
 
+def check_trust_remote_code(value: Any) -> bool:
+    """Only a real ``True`` runs a repository's own code: ``"false"`` or ``1`` would be truthy."""
+    if value is not True and value is not False:
+        raise ConfigError(f"trust_remote_code must be True or False, got {value!r}.")
+    return value
+
+
 def check_model_kwargs(model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """Extra ``from_pretrained`` arguments, checked before anything loads (as ``HuggingFaceLLM``'s
-    ``model_kwargs``): ``device_map``, ``quantization_config``, ``attn_implementation``, ..."""
+    ``model_kwargs``): ``device_map``, ``quantization_config``, ``attn_implementation``, ...
+
+    The one place every entry point (Python loader, CLI, framework classes) checks them: the loading
+    arguments FlashBack sets itself are refused here, so none of them can override the explicit one."""
     if model_kwargs is None:
         return {}
     if not isinstance(model_kwargs, dict) or not all(isinstance(k, str) for k in model_kwargs):
         raise ConfigError(f"model_kwargs must be a dict of from_pretrained arguments, got {model_kwargs!r}.")
-    for key, field in _OWN_LOAD_ARGS.items():
-        if key in model_kwargs:
+    nested = model_kwargs.get("model_kwargs")
+    if isinstance(nested, dict):  # from_pretrained(..., model_kwargs={...}), HuggingFaceLLM's spelling
+        both = set(nested) & set(model_kwargs)
+        if both:
+            raise ConfigError(f"{sorted(both)} given both inside and beside model_kwargs; give each once.")
+        model_kwargs = {**{k: v for k, v in model_kwargs.items() if k != "model_kwargs"}, **nested}
+        if not all(isinstance(k, str) for k in model_kwargs):
+            raise ConfigError(f"model_kwargs must be a dict of from_pretrained arguments, got {nested!r}.")
+    for key in model_kwargs:
+        field = _OWN_LOAD_ARGS.get(key.strip().lower().replace("-", "_"))
+        if field == "model_kwargs":
+            raise ConfigError(f"model_kwargs cannot nest another {key!r}; give its entries directly.")
+        if field is not None:
             raise ConfigError(f"pass {field}=... directly, not inside model_kwargs ({key!r} found there).")
+        if key.startswith("_"):
+            raise ConfigError(f"model_kwargs key {key!r} is a private from_pretrained argument; remove it.")
     if model_kwargs.get("device_map") is not None and importlib.util.find_spec("accelerate") is None:
         raise ConfigError("model_kwargs device_map needs the accelerate package: pip install accelerate.")
     attn = model_kwargs.get("attn_implementation")

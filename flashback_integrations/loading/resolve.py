@@ -149,9 +149,14 @@ def load_pretrained(source: str, kind: str = "model", trust_remote_code: bool = 
     caller opts in, and loading failures turned into a :class:`ModelResolutionError` that says what to pass."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .devices import check_model_kwargs, check_trust_remote_code
+
+    trusted = check_trust_remote_code(trust_remote_code)
+    extra = check_model_kwargs({k: v for k, v in kwargs.items() if k not in ("dtype", "revision")})
+    own = {k: kwargs[k] for k in ("dtype", "revision") if k in kwargs}
     loader = AutoTokenizer if kind == "tokenizer" else AutoModelForCausalLM
     try:
-        return loader.from_pretrained(source, trust_remote_code=bool(trust_remote_code), **kwargs)
+        return loader.from_pretrained(source, trust_remote_code=trusted, **extra, **own)
     except (OSError, ValueError, ImportError) as exc:
         raise ModelResolutionError(
             f"cannot load {kind} {source!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). Pass "
