@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .chat import chat_template_ids
 from .config import FlashBackConfig
 from .engine.backend import Backend, TorchBackend, check_backend
 from .engine.constrained import Constraint, Grammar
@@ -25,7 +26,6 @@ from .loading.devices import auto_placement, check_model_kwargs, check_trust_rem
 from .loading.resolve import load_pretrained, resolve_model
 from .loading.shipped import choose_adapter
 from .retrieval import RetrieverLike, as_retrieve_fn
-from .tools import check_tools, fallback_messages, template_supports_tools
 
 
 def _is_id(value: Any) -> bool:
@@ -293,26 +293,7 @@ class FlashBackModel:
         template's own tool support, or a system message when it has none (:mod:`.tools`)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ConfigError(f"{self.name!r} has no chat template; pass plain text prompts instead.")
-        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
-            raise ConfigError("chat_ids needs a non-empty list of messages ({'role': ..., 'content': ...}).")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ConfigError(
-                    f"message {i} must be a dict with a string 'role' and a string 'content', got {m!r:.120}."
-                )
-            calls = m.get("tool_calls")
-            if calls is not None and (m["role"] != "assistant" or not isinstance(calls, list)):
-                raise ConfigError(f"message {i}: only an assistant message may carry a tool_calls list.")
-        tools = check_tools(tools) if tools else None
-        uses_tools = tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
-        if uses_tools and template_supports_tools(self.tokenizer):
-            text = self.tokenizer.apply_chat_template(
-                list(messages), tools=tools, add_generation_prompt=True, tokenize=False
-            )
-        else:
-            plain = fallback_messages(messages, tools) if uses_tools else list(messages)
-            text = self.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
-        return encode_text(self.tokenizer, text, add_special_tokens=False)
+        return chat_template_ids(self.tokenizer, messages, tools)
 
     def resolve_config(self, config: FlashBackConfig | None = None, **overrides: Any) -> FlashBackConfig:
         """The settings of one call; ``mode=None`` means this model's own layout (else append)."""

@@ -179,7 +179,37 @@ def fallback_messages(
     return out
 
 
-def _one_call(body: str, call_id: str) -> ToolCall | InvalidToolCall:
+def bind_call(call: ToolCall, tools: Sequence[dict[str, Any]] | None) -> ToolCall | InvalidToolCall:
+    """A parsed call against the tools bound to the request: a call of a tool that was not bound, or with
+    arguments its parameters schema rejects, is invalid (LangChain's ``invalid_tool_calls``), never offered
+    to an agent as a call it could run. ``tools=None``: nothing bound to check against."""
+    if tools is None:
+        return call
+    text = json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False)
+    bound = {t["function"]["name"]: t["function"] for t in tools}
+    if call.name not in bound:
+        return InvalidToolCall(
+            text=text,
+            error=f"no tool named {call.name!r} was bound (bound: {sorted(bound)})",
+            id=call.id,
+            name=call.name,
+        )
+    from jsonschema import exceptions, validators
+
+    schema = bound[call.name].get("parameters", {"type": "object", "properties": {}})
+    error = exceptions.best_match(validators.validator_for(schema)(schema).iter_errors(call.arguments))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "arguments"
+        return InvalidToolCall(
+            text=text,
+            error=f"arguments break {call.name!r}'s schema at {where}: {error.message}",
+            id=call.id,
+            name=call.name,
+        )
+    return call
+
+
+def _one_call(body: str, call_id: str, tools: Sequence[dict[str, Any]] | None = None) -> ToolCall | InvalidToolCall:
     try:
         data = json.loads(body)
     except json.JSONDecodeError as exc:
@@ -199,17 +229,18 @@ def _one_call(body: str, call_id: str) -> ToolCall | InvalidToolCall:
             id=call_id,
             name=name if isinstance(name, str) else None,
         )
-    return ToolCall(name=name, arguments=args, id=call_id)
+    return bind_call(ToolCall(name=name, arguments=args, id=call_id), tools)
 
 
-def parse_tool_calls(text: str, id_prefix: str = "call") -> ParsedOutput:
-    """Split generated text into content and ``<tool_call>`` blocks; an unclosed block is invalid."""
+def parse_tool_calls(text: str, id_prefix: str = "call", tools: Sequence[dict[str, Any]] | None = None) -> ParsedOutput:
+    """Split generated text into content and ``<tool_call>`` blocks; an unclosed block, or a call that
+    does not fit the bound ``tools`` (:func:`bind_call`), is invalid."""
     out = ParsedOutput(content="")
     pieces, last = [], 0
     for i, match in enumerate(_CALL_RE.finditer(text)):
         pieces.append(text[last : match.start()])
         last = match.end()
-        parsed = _one_call(match.group(1).strip(), f"{id_prefix}_{i}")
+        parsed = _one_call(match.group(1).strip(), f"{id_prefix}_{i}", tools)
         (out.calls if isinstance(parsed, ToolCall) else out.invalid).append(parsed)  # type: ignore[arg-type]
     rest = text[last:]
     if CALL_OPEN in rest:
@@ -232,7 +263,8 @@ class CallStream:
     """Incremental parsing for streaming: text outside calls passes through at once (only a possible
     start of ``<tool_call>`` is held back); each call comes out whole when its block closes."""
 
-    def __init__(self, id_prefix: str = "call") -> None:
+    def __init__(self, id_prefix: str = "call", tools: Sequence[dict[str, Any]] | None = None) -> None:
+        self._tools = tools
         self._buffer = ""
         self._in_call = False
         self._count = 0
@@ -260,7 +292,7 @@ class CallStream:
                 return
             body, self._buffer = self._buffer[:end], self._buffer[end + len(CALL_CLOSE) :]
             self._in_call = False
-            yield _one_call(body.strip(), f"{self._prefix}_{self._count}")
+            yield _one_call(body.strip(), f"{self._prefix}_{self._count}", self._tools)
             self._count += 1
 
     def close(self) -> Iterator[str | InvalidToolCall]:

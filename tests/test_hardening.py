@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import HashRetriever, make_model, save_tiny_base
+from tiny import HashRetriever, make_model
 from typer.testing import CliRunner
 
 from flashback_integrations import (
@@ -177,25 +177,6 @@ def test_a_killed_conversion_leaves_no_temp_folder_behind(monkeypatch, tmp_path)
     (models / ".convert-killed123" / "model.safetensors").write_bytes(b"half")
     resolve.convert_default_gguf(gguf, tmp_path / "home")
     assert not list(models.glob(".convert-*"))
-
-
-@pytest.fixture(scope="module")
-def trained_adapter(tmp_path_factory):
-    from flashback_integrations.training.examples import Example
-    from flashback_integrations.training.trainer import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("adapter")
-    base = save_tiny_base(root / "base")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model, tok = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
-    gen = torch.Generator().manual_seed(0)
-    ex = [
-        Example(f"d{i}", 0, *(torch.randint(5, 200, (n,), generator=gen).tolist() for n in (12, 6, 4)))
-        for i in range(4)
-    ]
-    train(model, tok, ex, root / "adapter", TrainConfig(steps=1, batch_size=4, micro_batch_size=4), progress=False)
-    return Path(base), root / "adapter"
 
 
 def _copy(adapter: Path, tmp_path: Path) -> Path:

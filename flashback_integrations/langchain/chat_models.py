@@ -110,7 +110,7 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
         retriever = RunRetriever(self.retriever, run_manager) if self.retriever is not None else None
         options = self.generation_kwargs(stop, first_query=users[-1] if users else None, **kwargs)
         events = fb.stream(prompt_ids, retriever, callbacks=[EventBridge(run_manager)], grammar=grammar, **options)
-        return events, name, fb, bool(tools)
+        return events, name, fb, tools or None
 
     def _default_choice(self, messages: list[BaseMessage]) -> str:
         """``default_tool_choice`` for a call that names none; ``"first"``: a call is required until
@@ -138,11 +138,11 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        events, name, fb, with_tools = self._run(messages, stop, run_manager, **kwargs)
+        events, name, fb, tools = self._run(messages, stop, run_manager, **kwargs)
         result = final_result(events)
         content, calls = result.text, {}
-        if with_tools:
-            parsed = parse_tool_calls(result.text, id_prefix=f"call_{uuid.uuid4().hex[:12]}")
+        if tools:
+            parsed = parse_tool_calls(result.text, id_prefix=f"call_{uuid.uuid4().hex[:12]}", tools=tools)
             content, calls = parsed.content, lc_tool_calls(parsed)
         metadata = self._metadata(result, name, fb)
         if calls.get("tool_calls"):
@@ -157,8 +157,8 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        events, name, fb, with_tools = self._run(messages, stop, run_manager, **kwargs)
-        calls = CallStream(id_prefix=f"call_{uuid.uuid4().hex[:12]}") if with_tools else None
+        events, name, fb, tools = self._run(messages, stop, run_manager, **kwargs)
+        calls = CallStream(id_prefix=f"call_{uuid.uuid4().hex[:12]}", tools=tools) if tools else None
         made_calls, errors = 0, []
 
         def chunks(pieces: Any, logprob: Any = None) -> Iterator[ChatGenerationChunk]:

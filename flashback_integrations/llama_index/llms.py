@@ -184,17 +184,17 @@ class FlashBackLLM(FlashBackSettings, FunctionCallingLLM):
             return self.messages_to_prompt(messages), question
         if tools:
             tools = check_tools(tools)
-            kwargs["_tools"] = True
+            kwargs["_tools"] = tools
             if required:
                 kwargs["grammar"] = call_grammar(tools, parallel=parallel)
         return self.flashback().chat_ids(dicts, tools=tools or None), question
 
-    def _chat_response(self, result: GenerationResult, with_tools: bool) -> ChatResponse:
+    def _chat_response(self, result: GenerationResult, tools: list[dict[str, Any]] | None) -> ChatResponse:
         blocks: list[Any] = []
         text = result.text
         extra: dict[str, Any] = {}
-        if with_tools:
-            parsed = parse_tool_calls(result.text, id_prefix=f"call_{uuid.uuid4().hex[:12]}")
+        if tools:
+            parsed = parse_tool_calls(result.text, id_prefix=f"call_{uuid.uuid4().hex[:12]}", tools=tools)
             text = parsed.content
             blocks = [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments) for c in parsed.calls]
             if parsed.invalid:
@@ -259,22 +259,24 @@ class FlashBackLLM(FlashBackSettings, FunctionCallingLLM):
         return _in_thread(self._completion_gen(events))
 
     # ------------------------------------------------------------------ chat
-    def _chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> tuple[Iterator[Event], bool]:
+    def _chat(
+        self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
+    ) -> tuple[Iterator[Event], list[dict[str, Any]] | None]:
         prompt, question = self._chat_prompt(messages, kwargs)
-        with_tools = bool(kwargs.pop("_tools", False))
-        return self.run(prompt, first_query=question, **kwargs), with_tools
+        tools = kwargs.pop("_tools", None)
+        return self.run(prompt, first_query=question, **kwargs), tools
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        events, with_tools = self._chat(messages, kwargs)
-        return self._chat_response(final_result(events), with_tools)
+        events, tools = self._chat(messages, kwargs)
+        return self._chat_response(final_result(events), tools)
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        events, with_tools = self._chat(messages, kwargs)
-        return self._chat_gen(events, with_tools)
+        events, tools = self._chat(messages, kwargs)
+        return self._chat_gen(events, tools)
 
-    def _chat_gen(self, events: Iterator[Event], with_tools: bool = False) -> ChatResponseGen:
+    def _chat_gen(self, events: Iterator[Event], tools: list[dict[str, Any]] | None = None) -> ChatResponseGen:
         """Text deltas as they come; with tools, the calls are parsed from the whole text at the end
         (the last response carries them, as LlamaIndex's agents read the last one)."""
         for text, delta, logprobs, result in self._deltas(events):
@@ -282,20 +284,20 @@ class FlashBackLLM(FlashBackSettings, FunctionCallingLLM):
                 message = ChatMessage(role=MessageRole.ASSISTANT, content=text)
                 yield ChatResponse(message=message, delta=delta, logprobs=logprobs)
             else:
-                final = self._chat_response(result, with_tools)
+                final = self._chat_response(result, tools)
                 final.delta, final.logprobs = "", None
                 yield final
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        events, with_tools = self._chat(messages, kwargs)
+        events, tools = self._chat(messages, kwargs)
         result = await asyncio.to_thread(final_result, events)
-        return self._chat_response(result, with_tools)
+        return self._chat_response(result, tools)
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        events, with_tools = self._chat(messages, kwargs)
-        return _in_thread(self._chat_gen(events, with_tools))
+        events, tools = self._chat(messages, kwargs)
+        return _in_thread(self._chat_gen(events, tools))
 
     # ------------------------------------------------------------------ tools
     def _prepare_chat_with_tools(
@@ -332,7 +334,7 @@ class FlashBackLLM(FlashBackSettings, FunctionCallingLLM):
         calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
         if not calls and error_on_no_tool_call:
             invalid = response.message.additional_kwargs.get("invalid_tool_calls")
-            detail = f"; unparseable: {invalid[0]['error']}" if invalid else ""
+            detail = f"; invalid call: {invalid[0]['error']}" if invalid else ""
             raise ValueError(f"Expected at least one tool call, got none{detail}.")
         return [
             ToolSelection(tool_id=c.tool_call_id or "", tool_name=c.tool_name, tool_kwargs=c.tool_kwargs) for c in calls

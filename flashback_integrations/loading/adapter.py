@@ -183,6 +183,11 @@ def load_adapter(
                 f"(fingerprint {manifest.base_fingerprint}), but the loaded base has fingerprint {found}. "
                 "Load the base it was trained for, or retrain the adapter on this base."
             )
+    if manifest is not None and manifest.mark_tokens and list(manifest.mark_tokens) != [MARK_L, MARK_R]:
+        raise AdapterMismatchError(
+            f"Adapter {directory}'s manifest names marking tokens {manifest.mark_tokens}, not FlashBack's "
+            f"{[MARK_L, MARK_R]}; it was not written by FlashBack, or was edited. Restore it from its source."
+        )
     has_tokenizer = (directory / "tokenizer_config.json").is_file()
     new_tokenizer = load_pretrained(str(directory), "tokenizer") if has_tokenizer else tokenizer
     if not has_tokenizer and manifest is not None and manifest.mark_tokens:
@@ -196,6 +201,13 @@ def load_adapter(
             )
     peft_config, tensors = _read_adapter(directory, manifest)
     rows = model.get_input_embeddings().weight.shape[0]
+    trained_rows = _token_indices(peft_config)
+    if trained_rows and max(trained_rows) >= max(rows, len(new_tokenizer)):
+        raise AdapterMismatchError(
+            f"Adapter {directory} trains token rows {sorted(trained_rows)[-2:]} that neither the model ({rows} rows) "
+            f"nor the tokenizer ({len(new_tokenizer)} tokens) has: it needs its flashback_adapter.json (the manifest "
+            "naming the marking tokens) or its saved tokenizer. Restore the folder from its source."
+        )
     if len(new_tokenizer) > rows:
         model.resize_token_embeddings(len(new_tokenizer), mean_resizing=False)
     peft_model = None
@@ -207,25 +219,34 @@ def load_adapter(
         missing = [k for k in result.missing_keys if ("lora_" in k or "trainable_tokens" in k) and "lm_head." not in k]
         if missing:
             raise KeyError(f"the adapter lacks {missing[0]}")
-    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        if peft_model is not None:  # take the injected layers out again: the model is left as it was
+        peft_model.eval()
+        if manifest is not None and manifest.extra.get("activation") == ACTIVATION_PASSAGE:
+            # LoRA only from the passage on: a per-token switch, so never merged
+            if not activate(peft_model):
+                raise AdapterMismatchError(f"Adapter {directory} is marked activated but holds no LoRA layers.")
+            merge_token_rows(peft_model)
+            return peft_model, new_tokenizer, manifest
+    except Exception as exc:  # whatever failed, the model is left as it was: no injected layer stays behind
+        if peft_model is not None:
             peft_model.base_model.unload()
         if len(new_tokenizer) > rows:
             model.resize_token_embeddings(rows)
+        if isinstance(exc, AdapterMismatchError):
+            raise
         raise AdapterMismatchError(
             f"Adapter {directory} does not fit this base model ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:300]}). It was probably trained for another base model."
         ) from exc
-    peft_model.eval()
-    if manifest is not None and manifest.extra.get("activation") == ACTIVATION_PASSAGE:
-        # LoRA only from the passage on: a per-token switch, so never merged
-        if not activate(peft_model):
-            raise AdapterMismatchError(f"Adapter {directory} is marked activated but holds no LoRA layers.")
-        merge_token_rows(peft_model)
-        return peft_model, new_tokenizer, manifest
     if merge and not getattr(model, "is_quantized", False):  # merging into quantized weights rounds
         return peft_model.merge_and_unload(), new_tokenizer, manifest
     return peft_model, new_tokenizer, manifest
+
+
+def _token_indices(peft_config: Any) -> set[int]:
+    """Token rows a PEFT config trains (``trainable_token_indices``: a list, or a dict per layer)."""
+    spec = getattr(peft_config, "trainable_token_indices", None)
+    values = spec.values() if isinstance(spec, dict) else [spec] if spec else []
+    return {int(i) for v in values for i in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(i, int)}
 
 
 def merge_token_rows(peft_model: Any) -> None:
