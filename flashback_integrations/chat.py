@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
-from .engine.layout import encode_text
+from .engine.layout import check_utf8, encode_text
 from .errors import ConfigError
 from .tools import check_tools, fallback_messages, template_supports_tools
 
@@ -35,6 +35,7 @@ def check_messages(messages: Any) -> None:
             raise ConfigError(
                 f"message {i} must be a dict with a string 'role' and a string 'content', got {m!r:.120}."
             )
+        check_utf8(m["content"], f"message {i}'s content")
         calls = m.get("tool_calls")
         if calls is not None and (m["role"] != "assistant" or not isinstance(calls, list)):
             raise ConfigError(f"message {i}: only an assistant message may carry a tool_calls list.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -78,15 +80,23 @@ class FlashBackConfig:
         if self.mode is not None and self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r} is not one of {MODES}.")
         require_positive_ints(self, ("stride", "query_tokens", "num_passages", "max_doc_tokens"))
-        if self.marks not in (None, True, False):
+        if self.marks is not None and not isinstance(self.marks, bool):
             raise ConfigError(f"marks must be True, False or None (auto), got {self.marks!r}.")
         if self.on_retrieval_error not in ON_ERROR:
             raise ConfigError(f"on_retrieval_error={self.on_retrieval_error!r} is not one of {ON_ERROR}.")
-        if self.retrieval_timeout is not None and not self.retrieval_timeout > 0:
-            raise ConfigError(f"retrieval_timeout must be > 0 seconds or None, got {self.retrieval_timeout!r}.")
+        timeout = self.retrieval_timeout
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or math.isnan(timeout) or timeout <= 0
+        ):
+            raise ConfigError(
+                f"retrieval_timeout must be a number of seconds > 0, or None for no limit, got {timeout!r} "
+                f"({type(timeout).__name__})."
+            )
+        if timeout is not None and math.isinf(timeout):
+            self.retrieval_timeout = None  # no limit, said the usual way (a thread join cannot wait inf seconds)
         if self.tail_tokens is not None:
             require_positive_ints(self, ("tail_tokens",))
-        if self.passage_sink not in (True, False):
+        if not isinstance(self.passage_sink, bool):
             raise ConfigError(f"passage_sink must be True or False, got {self.passage_sink!r}.")
         if self.passage_sink and self.mode in ("append", "prepend"):
             raise ConfigError(f"passage_sink=True applies to mode='isolated' only, not {self.mode!r}; drop it.")

@@ -29,3 +29,26 @@ class RetrievalError(FlashBackError, RuntimeError):
 
 class ModelResolutionError(FlashBackError, RuntimeError):
     """A model name could not be resolved to weights on this machine."""
+
+
+class DiskFullError(FlashBackError, OSError):
+    """A write ran out of space (or quota); what was there before is left as it was."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC or EDQUOT anywhere in the exception's chain (libraries often wrap the OSError)."""
+    import errno
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full(where: object, what: str, fix: str = "free some space and run it again") -> DiskFullError:
+    return DiskFullError(f"no space left on the disk of {where} while {what}; {fix}.")

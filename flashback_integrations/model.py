@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from .chat import chat_template_ids
 from .config import FlashBackConfig
 from .engine.backend import Backend, TorchBackend, check_backend
 from .engine.constrained import Constraint, Grammar
-from .engine.layout import MARK_L, MARK_R, MarkIds, block_budget, encode_text, find_mark_ids
+from .engine.layout import MARK_L, MARK_R, MarkIds, block_budget, check_utf8, encode_text, find_mark_ids
 from .engine.loop import GenerationSpec, run, run_rows
 from .engine.passages import DEFAULT_PASSAGE_CACHE_BYTES, PassageKVCache, weights_fingerprint
 from .engine.pool import DEFAULT_CONTEXT_POOL_BYTES
@@ -27,6 +28,26 @@ from .loading.resolve import load_pretrained, resolve_model
 from .loading.shipped import choose_adapter
 from .retrieval import RetrieverLike, as_retrieve_fn
 
+_HOOKS = ("on_retrieval_start", "on_retrieval_end", "on_retrieval_error", "on_token")
+
+
+def _check_call_arguments(ignore_eos: Any, output_logits: Any, callbacks: Any, first_query: Any) -> None:
+    """Call arguments of the wrong type fail here, named, before any model or retriever work."""
+    for name, value in (("ignore_eos", ignore_eos), ("output_logits", output_logits)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
+    if callbacks is not None:
+        if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, (list, tuple)):
+            raise ConfigError(f"callbacks must be a list of FlashBackCallback objects, got {type(callbacks).__name__}.")
+        for i, cb in enumerate(callbacks):
+            if not all(callable(getattr(cb, hook, None)) for hook in _HOOKS):
+                raise ConfigError(
+                    f"callbacks[{i}] ({type(cb).__name__}) is not a FlashBackCallback: subclass "
+                    "flashback_integrations.FlashBackCallback (it needs " + ", ".join(_HOOKS) + ")."
+                )
+    if first_query is not None and not isinstance(first_query, str):
+        raise ConfigError(f"first_query must be a string or None, got {type(first_query).__name__}.")
+
 
 def _is_id(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
@@ -34,7 +55,9 @@ def _is_id(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-_SHARED: dict[tuple[Any, ...], FlashBackModel] = {}
+MAX_SHARED_MODELS = 4
+"""Models ``FlashBackModel.shared`` keeps loaded (least recently used out first); a caller holding one keeps it."""
+_SHARED: OrderedDict[tuple[Any, ...], FlashBackModel] = OrderedDict()
 _SHARED_LOCK = threading.Lock()
 
 
@@ -231,6 +254,9 @@ class FlashBackModel:
                     trust_remote_code=trust_remote_code,
                     **model_kwargs,
                 )
+            _SHARED.move_to_end(key)
+            while len(_SHARED) > MAX_SHARED_MODELS:
+                _SHARED.popitem(last=False)
             return _SHARED[key]
 
     # ----------------------------------------------------------------- properties
@@ -259,6 +285,7 @@ class FlashBackModel:
         """Prompt ids as the model sees them (the tokenizer's own special-token policy; text never
         yields the marking tokens, which only bound retrieved passages)."""
         if isinstance(prompt, str):
+            check_utf8(prompt, "the prompt")
             ids = encode_text(self.tokenizer, prompt)
         elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
             ids = [int(i) for i in prompt] if all(_is_id(i) for i in prompt) else None
@@ -339,6 +366,7 @@ class FlashBackModel:
     ) -> GenerationSpec:
         """Validate everything and fail before any model work."""
         config = self.resolve_config(config)
+        _check_call_arguments(ignore_eos, output_logits, callbacks, first_query)
         stop = validate_sampling(temperature, top_p, max_new_tokens, seed, stop, top_k, min_p, repetition_penalty)
         top = validate_logprobs(logprobs, top_logprobs)
         if grammar is not None:

@@ -237,6 +237,50 @@ def bench_turns(
     console.print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
 
 
+@bench_app.command("memory")
+def bench_memory(
+    model: BenchModel = "default",
+    calls: Annotated[int, typer.Option(help="Generations on one model.")] = 1000,
+    every: Annotated[int, typer.Option(help="Record RSS every N calls.")] = 10,
+    prompt_tokens: Annotated[int, typer.Option(help="Random prompt tokens per call.")] = 64,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per call.")] = 16,
+    passage_cache_mib: Annotated[
+        int | None, typer.Option(help="Passage-KV cache limit (default: the model's).")
+    ] = None,
+    context_cache_mib: Annotated[int | None, typer.Option(help="Context pool limit (default: the model's).")] = None,
+    out: Out = Path("benchmarks/results"),
+    stem: Stem = "memory_cpu",
+) -> None:
+    """RSS over many calls on one model, with its caches' sizes: does memory level off? (JSON + PNG)."""
+    from ..bench.memory import plot_memory, run_memory
+
+    if calls < 1 or every < 1 or prompt_tokens < 1 or new_tokens < 1:
+        raise fail(ValueError("--calls, --every, --prompt-tokens and --new-tokens must be at least 1."))
+    settings = {
+        "model": model, "calls": calls, "every": every, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+        "passage_cache_mib": passage_cache_mib, "context_cache_mib": context_cache_mib,
+    }  # fmt: skip
+
+    def show(sample: dict[str, Any]) -> None:
+        console.print(
+            f"call {sample['calls']:>5}: RSS {sample['rss_mib']:.0f} MiB, passage cache "
+            f"{sample['passage_cache_mib']:.0f} MiB ({sample['passage_cache_entries']}), context pool "
+            f"{sample['context_pool_mib'] or 0:.0f} MiB ({sample['context_pool_entries'] or 0}), "
+            f"{sample['elapsed_s']:.0f}s"
+        )
+
+    result = run_memory(**settings, on_sample=show)
+    out.mkdir(parents=True, exist_ok=True)
+    result["command"] = _command("memory", {**settings, "stem": stem})
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    plot_memory([result], out / f"{stem}.png", f"{model}, mode {result['mode']}: RSS over {calls} calls")
+    console.print(
+        f"RSS {result['rss_first_mib']:.0f} -> max {result['rss_max_mib']:.0f} MiB; last "
+        f"{result['last_quarter_calls']} calls: {result['rss_last_quarter_growth_mib']:+.0f} MiB. "
+        f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}"
+    )
+
+
 @bench_app.command("forward")
 def bench_forward(
     model: BenchModel = "default",

@@ -59,14 +59,14 @@ def index_add(
 @with_settings(store=StoreLocation)
 def index_list(*, store: StoreLocation) -> None:
     """Collection names and chunk counts."""
-    from ..store import collection_names, get_collection
+    from ..store import collection_names, collection_stats
 
     client = store.connect()
     names = collection_names(client)
     if not names:
         console.print("(no collections)")
     for name in names:
-        console.print(f"{name}\t{get_collection(client, name).count()} chunks")
+        console.print(f"{name}\t{collection_stats(client, name)['chunks']} chunks")
 
 
 @index_app.command("stats")

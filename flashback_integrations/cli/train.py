@@ -64,10 +64,12 @@ def train(
     store: StoreLocation,
 ) -> None:
     """Train the FlashBack adapter (LoRA + marking tokens) and write it with its manifest and loss curve."""
+    from ..training.checkpoints import check_output_dir
     from ..training.examples import examples_from, load_examples, load_examples_file
     from ..training.setup import base_label, load_for_training
     from ..training.trainer import train as run_training
 
+    check_output_dir(out)
     if cfg.distill_weight > 0 and teacher_adapter is None:
         raise ConfigError("--distill-weight needs --teacher-adapter (the prepend + LoRA + MT adapter).")
     if examples is not None:

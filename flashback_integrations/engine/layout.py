@@ -11,8 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import ConfigError, RetrievalError
 from ..retrieval.base import Passage
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 MARK_L = "<MARK_L>"
 MARK_R = "<MARK_R>"
 
@@ -35,6 +37,36 @@ def find_mark_ids(tokenizer: Any, rows: int | None = None) -> MarkIds | None:
     if rows is not None and max(ids) >= rows:
         return None
     return MarkIds(*ids)
+
+
+def utf8_error(text: str) -> int | None:
+    """Where ``text`` stops being encodable as UTF-8 (a lone surrogate, e.g. from bytes decoded with
+    ``surrogateescape``), else None: tokenizers cannot read such text."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def check_utf8(text: str, what: str) -> None:
+    at = utf8_error(text)
+    if at is not None:
+        raise ConfigError(
+            f"{what} is not valid UTF-8 text: character {at} is a lone surrogate ({text[at]!r}), typically bytes "
+            "of another encoding. Decode the input as UTF-8 (e.g. errors='replace') before passing it."
+        )
+
+
+def passage_text(text: str) -> str:
+    """A passage as the reader gets it: a retrieved text that is not valid UTF-8 has each bad character
+    replaced by U+FFFD, as ``bytes.decode(errors="replace")`` would; one bad byte in a store never stops
+    a generation."""
+    if utf8_error(text) is None:
+        return text
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def _special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -64,14 +96,34 @@ def encode_text(tokenizer: Any, text: str, add_special_tokens: bool = True) -> l
     return ids
 
 
+def _leading_tokens(tokenizer: Any, text: str, n: int, special: set[int]) -> list[int]:
+    """The first ``n`` non-special tokens of ``text`` without tokenizing all of it: a multi-megabyte
+    passage costs what its first ``n`` tokens cost. A growing prefix is tokenized until it yields a
+    margin of tokens past ``n``, so the cut never falls inside the tokens kept."""
+    margin = 16
+    chars = 8 * (n + margin)
+    while True:
+        tokens = [t for t in encode_text(tokenizer, text[:chars], add_special_tokens=False) if t not in special]
+        if chars >= len(text) or len(tokens) > n + margin:
+            return tokens[:n]
+        chars *= 4
+
+
 def _each_passage_ids(tokenizer: Any, passages: Sequence[Passage], max_doc_tokens: int) -> list[list[int]]:
     special = set(tokenizer.all_special_ids)
     out: list[list[int]] = []
-    for passage in passages:
+    for i, passage in enumerate(passages):
         if passage.token_ids is not None:
             tokens = list(passage.token_ids)
+            rows = len(tokenizer)
+            bad = [t for t in tokens if t >= rows]
+            if bad:
+                raise RetrievalError(
+                    f"passage {i}: token_ids {bad[:5]} are outside the reader's vocabulary [0, {rows}); "
+                    "token_ids must come from this model's tokenizer (or leave them out to tokenize the text)."
+                )
         else:
-            tokens = encode_text(tokenizer, passage.text, add_special_tokens=False)
+            tokens = _leading_tokens(tokenizer, passage_text(passage.text), max_doc_tokens, special)
         out.append([t for t in tokens if t not in special][:max_doc_tokens])
     return out
 

@@ -16,7 +16,8 @@ from ..errors import ConfigError
 LayerKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 """One segment's keys and values, per layer, each ``[1, kv_heads, tokens, head_dim]``."""
 
-DEFAULT_PASSAGE_CACHE_BYTES = 512 * 2**20
+DEFAULT_PASSAGE_CACHE_BYTES = 256 * 2**20
+"""Half of the 512 MiB a model holds in caches by default; the context pool is the other half."""
 
 
 def _kv_bytes(kv: LayerKV) -> int:

@@ -18,7 +18,8 @@ from typing import Any
 from ..errors import ConfigError
 from .layout import Span
 
-DEFAULT_CONTEXT_POOL_BYTES = 512 * 2**20
+DEFAULT_CONTEXT_POOL_BYTES = 256 * 2**20
+"""Half of the 512 MiB a model holds in caches by default; the passage-KV cache is the other half."""
 
 
 @dataclass

@@ -46,8 +46,8 @@ class Sampling:
         if not _real("repetition_penalty", self.repetition_penalty) > 0:
             raise ConfigError(f"repetition_penalty must be > 0 (1 = none), got {self.repetition_penalty}.")
         seed = self.seed
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ConfigError(f"seed must be a non-negative integer or None, got {seed!r}.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+            raise ConfigError(f"seed must be an integer from 0 to 2**64 - 1 (torch's range) or None, got {seed!r}.")
 
     def processors(self) -> Any:
         """transformers' ``LogitsProcessorList`` in generate()'s order: penalties, then warpers."""
@@ -65,7 +65,10 @@ class Sampling:
             out.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
         if self.temperature > 0:
             if self.temperature != 1.0:
-                out.append(TemperatureLogitsWarper(self.temperature))
+                # Shifted logits over a temperature that float32 can hold: a tiny one gives 0 and -inf (greedy,
+                # ties kept), never nan. Below 1e-30 no float32 logit gap survives exp(), so clamping changes nothing.
+                out.append(_ShiftToMax())
+                out.append(TemperatureLogitsWarper(max(self.temperature, 1e-30)))
             if self.top_k is not None:
                 out.append(TopKLogitsWarper(self.top_k))
             if self.top_p < 1.0:
@@ -73,6 +76,14 @@ class Sampling:
             if self.min_p:
                 out.append(MinPLogitsWarper(self.min_p))
         return out
+
+
+class _ShiftToMax:
+    """Logits minus their maximum: the distribution is unchanged, and dividing by any temperature > 0
+    stays finite at the top (a temperature of 1e-300 becomes greedy instead of NaN)."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores - scores.max(dim=-1, keepdim=True).values
 
 
 def validate_sampling(

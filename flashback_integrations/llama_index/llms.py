@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from llama_index.core.base.base_retriever import BaseRetriever
+from llama_index.core.base.llms import types as llm_types
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
@@ -42,13 +43,25 @@ from ..settings import FlashBackSettings
 from ..tools import Grammar, call_grammar, check_tools, closed, parse_tool_calls, schema_hint
 from .events import LlamaIndexBridge
 
+_READ_BLOCKS: tuple[type, ...] = (TextBlock, ToolCallBlock)
+_HINT_BLOCKS: tuple[type, ...] = tuple(
+    getattr(llm_types, name) for name in ("ThinkingBlock", "CachePoint", "CacheControl") if hasattr(llm_types, name)
+)
+"""Blocks that carry no content for the reader (an earlier turn's reasoning, a provider's cache hint)."""
+
 
 def chat_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     """LlamaIndex messages -> chat-template dicts. Adjacent plain messages of one role are merged;
     an assistant turn's tool calls (``ToolCallBlock``s) and each tool result stay their own message."""
     out: list[dict[str, Any]] = []
-    for message in messages:
+    for i, message in enumerate(messages):
         role = message.role.value if isinstance(message.role, MessageRole) else str(message.role)
+        unread = [type(b).__name__ for b in message.blocks if not isinstance(b, _READ_BLOCKS + _HINT_BLOCKS)]
+        if unread:
+            raise ValueError(
+                f"message {i} holds {', '.join(sorted(set(unread)))}: FlashBackLLM reads text (and tool calls) only, "
+                "so it would be dropped. Put its content into the message as text, or use a multimodal LLM."
+            )
         text = "".join(b.text for b in message.blocks if isinstance(b, TextBlock))
         entry: dict[str, Any] = {"role": role, "content": text}
         calls = [b for b in message.blocks if isinstance(b, ToolCallBlock)]
@@ -343,6 +356,13 @@ class FlashBackLLM(FlashBackSettings, FunctionCallingLLM):
     # ------------------------------------------------------------------ structured output
     def _structured(self, output_cls: type, prompt: Any, llm_kwargs: dict[str, Any] | None, prompt_args: dict) -> Any:
         """Events for a JSON answer that validates against ``output_cls`` (grammar-constrained)."""
+        from pydantic import BaseModel
+
+        if not (isinstance(output_cls, type) and issubclass(output_cls, BaseModel)):
+            raise TypeError(
+                f"structured_predict needs a pydantic BaseModel class, got {output_cls!r}; wrap the value in one, "
+                "e.g. class Answer(BaseModel): value: int."
+            )
         kwargs = dict(llm_kwargs or {})
         kwargs["grammar"] = Grammar.json_schema(closed(output_cls.model_json_schema()))
         if self.metadata.is_chat_model:

@@ -35,6 +35,11 @@ class FlashBackQueryEngine(BaseQueryEngine):
         system_prompt: str | None = None,
         callback_manager: CallbackManager | None = None,
     ) -> None:
+        if retriever is None:
+            raise ValueError(
+                "FlashBackQueryEngine needs a retriever (index.as_retriever(), a ChromaRetriever or a callable "
+                "(query, k) -> list[str]); with none it would run without retrieval."
+            )
         if not isinstance(llm, FlashBackLLM):
             raise TypeError(f"FlashBackQueryEngine needs a FlashBackLLM, got {type(llm).__name__}.")
         if llm.flashback_config().mode == "none":

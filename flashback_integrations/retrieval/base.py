@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import RetrievalError
@@ -18,9 +20,24 @@ class Passage:
     score: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     raw: Any = field(default=None, compare=False, hash=False, repr=False)
+    """The framework object it came from (a LangChain ``Document``, a LlamaIndex ``NodeWithScore``)."""
     token_ids: tuple[int, ...] | None = field(default=None, compare=False, hash=False, repr=False)
     """Pre-tokenised text in the reader's vocabulary; used instead of tokenising ``text`` when given."""
-    """The framework object it came from (a LangChain ``Document``, a LlamaIndex ``NodeWithScore``)."""
+
+    def __post_init__(self) -> None:
+        ids = self.token_ids
+        if ids is None:
+            return
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise RetrievalError(f"Passage.token_ids must be a sequence of token ids, got {type(ids).__name__}.")
+        ids = tuple(ids)
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0), None)
+        if bad is not None:
+            raise RetrievalError(
+                f"Passage.token_ids must hold non-negative integers, got {bad!r} ({type(bad).__name__}); "
+                "a float is never rounded to an id."
+            )
+        object.__setattr__(self, "token_ids", tuple(int(t) for t in ids))  # frozen: normalised once
 
 
 @runtime_checkable
@@ -33,8 +50,9 @@ class Retriever(Protocol):
 RetrieverLike = Retriever | Callable[[str, int], Sequence[str | Passage]]
 
 
-def coerce_passages(raw: Any, source: str = "retriever") -> list[Passage]:
-    """Turn a retriever's answer into ``Passage`` objects, refusing anything that is not text."""
+def coerce_passages(raw: Any, source: str = "retriever", limit: int | None = None) -> list[Passage]:
+    """Turn a retriever's answer into ``Passage`` objects, refusing anything that is not text; only the
+    first ``limit`` items are read (a retriever may yield far more than asked for)."""
     if raw is None:
         return []
     if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, Iterable):
@@ -42,7 +60,7 @@ def coerce_passages(raw: Any, source: str = "retriever") -> list[Passage]:
             f"{source} returned {type(raw).__name__}; a retriever must return a list of str or Passage."
         )
     passages: list[Passage] = []
-    for i, item in enumerate(raw):
+    for i, item in enumerate(raw if limit is None else islice(raw, limit)):
         if isinstance(item, Passage):
             if not isinstance(item.text, str):
                 raise RetrievalError(f"{source} returned a Passage whose text is {type(item.text).__name__}, not str.")

@@ -39,6 +39,10 @@ def iter_files(
             ]
         elif p.is_file():
             candidates = [(p, p.name)]
+        elif p.exists():
+            raise ConfigError(
+                f"{p} is not a regular file or a folder (a device, FIFO or socket); pass text files or folders."
+            )
         else:
             raise ConfigError(f"{p} does not exist.")
         files += [f for f, rel in candidates if _wanted(rel, include, exclude)]

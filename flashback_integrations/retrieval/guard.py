@@ -38,6 +38,8 @@ def call_with_timeout(fn: Callable[[str, int], list[Passage]], query: str, k: in
     thread.join(timeout)
     if thread.is_alive():
         with _STUCK_LOCK:
+            for key in [key for key, (_, t) in _STUCK.items() if not t.is_alive()]:  # bounded by the hung calls
+                del _STUCK[key]
             _STUCK[id(owner)] = (owner, thread)
         raise TimeoutError(f"retriever took longer than retrieval_timeout={timeout}s")
     if "error" in box:

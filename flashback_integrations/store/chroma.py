@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import setting
-from ..errors import ConfigError, FlashBackError
+from ..errors import ConfigError, DiskFullError, FlashBackError, disk_full, is_disk_full
 from ..loading.resolve import flashback_home
 from ..retrieval.adapt import collection_filter, read_collection
 from ..retrieval.base import Passage
@@ -45,6 +46,51 @@ class StoreLocation:
     def connect(self, create: bool = False) -> Any:
         """A client; only commands that write (``index add``, the demo) may create an embedded folder."""
         return connect(self.persist_dir, self.chroma_host, self.chroma_port, create=create)
+
+
+DISK_RESERVE_BYTES = 32 * 2**20
+"""Free space an embedded store keeps: Chroma needs room to apply its log even to answer a read, so a
+write that would leave less than this stops first and the store stays readable."""
+
+
+def _store_folder(client: Any) -> Path | None:
+    """The folder of an embedded client; None for a server (its disk is the server's business)."""
+    try:
+        settings = client.get_settings()
+    except Exception:  # noqa: BLE001 - a duck-typed client without settings
+        return None
+    return Path(settings.persist_directory) if getattr(settings, "is_persistent", False) else None
+
+
+def _batch_bytes(texts: Sequence[str], dim: int) -> int:
+    """A generous estimate of what one write costs on disk: the text in the log, the documents table and
+    its full-text index, and the vector in the log and the HNSW segment."""
+    return sum(4 * len(t.encode("utf-8", "replace")) + 12 * dim + 1024 for t in texts)
+
+
+def _check_room(folder: Path | None, texts: Sequence[str], dim: int, written: int) -> None:
+    if folder is None:
+        return
+    need = _batch_bytes(texts, dim) + DISK_RESERVE_BYTES
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise DiskFullError(
+            f"the disk of {folder} is nearly full: {free / 2**20:.0f} MiB free, the next batch and the room Chroma "
+            f"needs to stay readable take {need / 2**20:.0f} MiB. Stopped before writing; the {written} chunks "
+            "this run wrote are kept. Free some space and run the same command again: it resumes where it stopped."
+        )
+
+
+def store_failure(exc: Exception, what: str, folder: Path | None = None) -> FlashBackError:
+    """Chroma's internal errors as one line naming the fix: a full disk, or a damaged store folder."""
+    if is_disk_full(exc) or (folder is not None and shutil.disk_usage(folder).free < DISK_RESERVE_BYTES):
+        return disk_full(folder or "the store", what, "free some space and run it again (the store resumes)")
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    where = f" at {folder}" if folder is not None else ""
+    return StoreError(
+        f"the Chroma store{where} failed while {what} ({type(exc).__name__}: {first}). If the disk is fine, the "
+        "store is damaged: rebuild it with `flashback index add` into a new --persist-dir (the files are the source)."
+    )
 
 
 def default_persist_dir() -> Path:
@@ -108,7 +154,7 @@ def collection_names(client: Any) -> list[str]:
 
 def get_collection(client: Any, name: str) -> Any:
     """An existing collection, or an error that lists the ones there are."""
-    from chromadb.errors import NotFoundError
+    from chromadb.errors import ChromaError, NotFoundError
 
     try:
         return client.get_collection(name, embedding_function=None)
@@ -118,6 +164,8 @@ def get_collection(client: Any, name: str) -> Any:
             f"No collection named {name!r}. Existing collections: {', '.join(existing) or '(none)'}. "
             "Create it with `flashback index add PATH --collection NAME`."
         ) from exc
+    except ChromaError as exc:
+        raise store_failure(exc, f"opening collection {name!r}", _store_folder(client)) from exc
 
 
 def check_embedding(collection: Any, embedder: Embedder) -> None:
@@ -214,7 +262,16 @@ def ingest(
         task = bar.add_task("ingesting files", total=len(files), chunks=0)
         for path in files:
             report.files_seen += 1
-            _ingest_file(collection, path, tokenizer, embedder, chunk_tokens, overlap, batch_size, report)
+            try:
+                _ingest_file(client, collection, path, tokenizer, embedder, chunk_tokens, overlap, batch_size, report)
+            except FlashBackError:
+                raise
+            except Exception as exc:
+                from chromadb.errors import ChromaError
+
+                if isinstance(exc, (ChromaError, OSError)) or is_disk_full(exc):
+                    raise store_failure(exc, f"ingesting {path}", _store_folder(client)) from exc
+                raise
             bar.update(task, advance=1, chunks=report.chunks_added + report.chunks_unchanged)
             if on_file is not None:
                 on_file(path, report)
@@ -223,7 +280,7 @@ def ingest(
     return report
 
 
-def _ingest_file(collection, path, tokenizer, embedder, chunk_tokens, overlap, batch_size, report) -> None:
+def _ingest_file(client, collection, path, tokenizer, embedder, chunk_tokens, overlap, batch_size, report) -> None:
     source = str(path.resolve())
     text, status = read_text(path)
     if text is None:
@@ -239,8 +296,10 @@ def _ingest_file(collection, path, tokenizer, embedder, chunk_tokens, overlap, b
     ids = [chunk_id(source, c.start, c.end, c.text) for c in chunks]
     existing = set(collection.get(where={"source": source}, include=[])["ids"])
     todo = [(i, c) for i, c in zip(ids, chunks, strict=True) if i not in existing]
+    folder = _store_folder(client)
     for begin in range(0, len(todo), batch_size):
         batch = todo[begin : begin + batch_size]
+        _check_room(folder, [c.text for _, c in batch], embedder.dimension, report.chunks_added + begin)
         collection.upsert(
             ids=[i for i, _ in batch],
             embeddings=embedder.embed_documents([c.text for _, c in batch]),
@@ -266,14 +325,19 @@ def _ingest_file(collection, path, tokenizer, embedder, chunk_tokens, overlap, b
 
 
 def collection_stats(client: Any, name: str) -> dict[str, Any]:
+    from chromadb.errors import ChromaError
+
     collection = get_collection(client, name)
-    count = collection.count()
-    sources: set[str] = set()
-    offset, page = 0, 5000
-    while offset < count:
-        got = collection.get(include=["metadatas"], limit=page, offset=offset)
-        sources.update(str(m.get("source")) for m in got["metadatas"] if m)
-        offset += page
+    try:
+        count = collection.count()
+        sources: set[str] = set()
+        offset, page = 0, 5000
+        while offset < count:
+            got = collection.get(include=["metadatas"], limit=page, offset=offset)
+            sources.update(str(m.get("source")) for m in got["metadatas"] if m)
+            offset += page
+    except ChromaError as exc:
+        raise store_failure(exc, f"reading collection {name!r}", _store_folder(client)) from exc
     return {
         "name": name,
         "chunks": count,
@@ -330,27 +394,30 @@ class ChromaRetriever:
     def retrieve(self, query: str, k: int) -> list[Passage]:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"k (passages to retrieve) must be a positive integer, got {k!r}.")
+        from chromadb.errors import ChromaError, InvalidArgumentError
+
+        try:
+            return self._retrieve(query, k)
+        except ChromaError as exc:
+            if isinstance(exc, InvalidArgumentError) and "dimension" in str(exc):
+                raise StoreError(
+                    f"Collection {self.collection.name!r} holds vectors of another size than "
+                    f"{self.embedder.name!r} makes ({exc}). Pass the embedding model that built it."
+                ) from exc
+            raise store_failure(exc, f"querying collection {self.collection.name!r}") from exc
+
+    def _retrieve(self, query: str, k: int) -> list[Passage]:
         if self.collection.count() == 0:
             raise StoreError(
                 f"Collection {self.collection.name!r} is empty; add documents with "
                 f"`flashback index add PATH --collection {self.collection.name}`."
             )
-        from chromadb.errors import InvalidArgumentError
-
-        try:
-            got = self.collection.query(
-                query_embeddings=[self.embedder.embed_query(query)],
-                n_results=k,
-                where=self._filter(),
-                include=["documents", "metadatas", "distances"],
-            )
-        except InvalidArgumentError as exc:
-            if "dimension" in str(exc):
-                raise StoreError(
-                    f"Collection {self.collection.name!r} holds vectors of another size than "
-                    f"{self.embedder.name!r} makes ({exc}). Pass the embedding model that built it."
-                ) from exc
-            raise
+        got = self.collection.query(
+            query_embeddings=[self.embedder.embed_query(query)],
+            n_results=k,
+            where=self._filter(),
+            include=["documents", "metadatas", "distances"],
+        )
         return [
             Passage(text=doc or "", id=cid, score=1.0 - float(dist), metadata=dict(meta or {}))
             for cid, doc, meta, dist in zip(

@@ -4,6 +4,7 @@ folder and renamed; anything else in a checkpoint folder is refused before it is
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -38,6 +39,16 @@ def checkpoint_steps(out: Path) -> list[Path]:
         )
     found = [p for p in folder.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
     return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def check_output_dir(out: Path) -> None:
+    """Fail before any work when the adapter cannot be written to ``out`` (a file there, no permission)."""
+    out = Path(out)
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(f"output folder {out}: {blocker} is a file, not a folder; choose another output folder.")
+    if blocker is not None and not os.access(blocker, os.W_OK | os.X_OK):
+        raise ConfigError(f"output folder {out}: {blocker} is not writable; choose another output folder.")
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -114,7 +125,42 @@ def load_training_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.T
         tensors = load_file(str(folder / "state.safetensors"))
     except (OSError, SafetensorError) as exc:
         raise ConfigError(f"checkpoint {folder} has a damaged state.safetensors ({exc}); remove the folder.") from exc
+    problem = _record_problem(record, tensors)
+    if problem:
+        raise ConfigError(
+            f"checkpoint {folder} is damaged ({problem}); remove the folder and resume from an earlier checkpoint."
+        )
     return record, tensors
+
+
+_RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "config": dict,
+    "step": int,
+    "log": list,
+    "elapsed_s": (int, float),
+    "optimizer": dict,
+    "scheduler": dict,
+    "python_rng": list,
+}
+
+
+def _record_problem(record: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str | None:
+    """What makes a checkpoint unusable, checked before anything is restored (nothing half-applied)."""
+    for key, kind in _RECORD_TYPES.items():
+        if not isinstance(record.get(key), kind):
+            return f"state.json's {key!r} is missing or not a {getattr(kind, '__name__', 'number')}"
+    opt = record["optimizer"]
+    if not isinstance(opt.get("param_groups"), list) or not isinstance(opt.get("moments"), dict):
+        return "state.json's optimizer record lacks param_groups or moments"
+    for index, keys in opt["moments"].items():
+        if not isinstance(keys, list) or any(f"optim.{index}.{key}" not in tensors for key in keys):
+            return f"the optimizer moments of parameter {index} are missing from state.safetensors"
+    rng = record["python_rng"]
+    if len(rng) != 3 or not isinstance(rng[1], list):
+        return "state.json's python_rng is not a random.getstate() record"
+    if "rng.torch" not in tensors:
+        return "state.safetensors lacks rng.torch"
+    return None
 
 
 def restore_state(

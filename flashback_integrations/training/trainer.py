@@ -32,6 +32,7 @@ from ..loading.adapter import AdapterManifest, base_fingerprint, save_adapter
 from ..loading.devices import resolve_device
 from .checkpoints import (
     CHECKPOINT_DIR,
+    check_output_dir,
     checkpoint_steps,
     latest_checkpoint,
     load_training_state,
@@ -112,6 +113,7 @@ def train(
     if not train_examples:
         raise ConfigError("No training examples; build them with `flashback data build` or pass --docs.")
     out = Path(output_dir)
+    check_output_dir(out)
     checkpoint = latest_checkpoint(out) if resume else None
     if resume and checkpoint is None:
         raise ConfigError(f"--resume: no checkpoint under {out / CHECKPOINT_DIR}; start without --resume.")
