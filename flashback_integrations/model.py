@@ -17,7 +17,7 @@ from .engine.backend import Backend, TorchBackend, check_backend
 from .engine.constrained import Constraint, Grammar
 from .engine.layout import MARK_L, MARK_R, MarkIds, block_budget, check_utf8, encode_text, find_mark_ids
 from .engine.loop import GenerationSpec, run, run_rows
-from .engine.passages import DEFAULT_PASSAGE_CACHE_BYTES, PassageKVCache, weights_fingerprint
+from .engine.passages import DEFAULT_PASSAGE_CACHE_BYTES, PassageKVCache
 from .engine.pool import DEFAULT_CONTEXT_POOL_BYTES
 from .engine.sampling import Sampling, validate_logprobs, validate_sampling
 from .errors import ConfigError, ContextWindowError, MarksUnavailableError
@@ -135,7 +135,8 @@ class FlashBackModel:
                     "loads no transformers model. Drop them."
                 )
             where = {"gguf": gguf, "server_url": server_url, "served_model": served_model}
-            return cls._with_saved(load_backend(name_or_path, adapter, backend, **where), config)
+            mode = config.mode if config is not None else None
+            return cls._with_saved(load_backend(name_or_path, adapter, backend, **where, mode=mode), config)
         dtype, device = auto_placement(dtype, device, model_kwargs.get("device_map"))
         if revision is not None and (not isinstance(revision, str) or not revision.strip()):
             raise ConfigError(f"revision must be a branch, tag or commit name, got {revision!r}.")
@@ -181,13 +182,18 @@ class FlashBackModel:
         config: FlashBackConfig | None = None,
         n_threads: int | None = None,
         n_ctx: int | None = None,
+        kv_type: str = "f16",
+        passage_room: int = 1024,
     ) -> FlashBackModel:
-        """The llama.cpp backend: ``"default"`` (its GGUF, no adapter: modes none, prepend and append
-        without marks) or a folder from ``flashback export OUT --adapter A --gguf`` (the adapter merged, with
-        its marks and layout). Same loop, events and frameworks; no isolated mode, no ``generate_batch``."""
+        """The llama.cpp backend: ``"default"`` (its GGUF, no adapter) or a folder from ``flashback export OUT
+        --adapter A --gguf`` (the adapter merged, with its marks and layout). Same loop, events and frameworks,
+        every mode (isolated on rotary models: passages at their own positions, cached as llama.cpp sequence
+        state); no ``generate_batch``. ``kv_type`` is the KV cache's type (f16, f32, q8_0); ``passage_room``
+        the most passage tokens one retrieval may place."""
         from .loading.backends import load_llamacpp
 
-        return cls._with_saved(load_llamacpp(name_or_path, gguf, n_threads, n_ctx), config)
+        loaded = load_llamacpp(name_or_path, gguf, n_threads, n_ctx, kv_type=kv_type, passage_room=passage_room)
+        return cls._with_saved(loaded, config)
 
     @classmethod
     def from_server(
@@ -211,8 +217,11 @@ class FlashBackModel:
         saved = loaded.pop("config")
         if config is None:
             config = saved
-        elif saved is not None and config.mode is None:
-            config = config.replace(mode=saved.mode)
+        elif saved is not None:  # the export's layout and tail unless the caller chose them
+            if config.mode is None:
+                config = config.replace(mode=saved.mode)
+            if config.tail_tokens is None:
+                config = config.replace(tail_tokens=saved.tail_tokens)
         return cls(None, config=config, **loaded)
 
     @classmethod
@@ -409,7 +418,7 @@ class FlashBackModel:
             output_logits=output_logits,
             first_query=first_query,
             passage_cache=self.passage_cache if config.mode == "isolated" else None,
-            fingerprint=weights_fingerprint(self.model) if config.mode == "isolated" else None,
+            fingerprint=self.backend.fingerprint() if config.mode == "isolated" else None,
             grammar=grammar,
             top_logprobs=top,
         )

@@ -36,8 +36,8 @@ def forget(fb: Any) -> None:
     backend = fb.backend
     if hasattr(backend, "pool"):
         backend.pool.clear()
-    elif hasattr(backend, "llama"):
-        backend.llama.n_tokens = 0  # the next eval drops llama.cpp's KV cache from here on
+    elif hasattr(backend, "forget"):
+        backend.forget()  # llama.cpp: every sequence emptied
     else:
         random_ids = random_id_source(fb, 99)
         fb.generate(random_ids(64), max_new_tokens=1, ignore_eos=True, config=FlashBackConfig(mode="none"))

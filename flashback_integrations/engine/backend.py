@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from .activation import is_activated
 from .kv import FeedStats, KVContext, uses_rotary_positions
 from .layout import Span
-from .passages import PassageKVCache
+from .passages import PassageKVCache, weights_fingerprint
 from .pool import DEFAULT_CONTEXT_POOL_BYTES, ContextPool
 
 BACKENDS = ("torch", "llamacpp", "openai")
@@ -48,11 +48,22 @@ class Backend(Protocol):
 
     def open(self, passages: PassageKVCache | None, fingerprint: Hashable | None) -> CacheContext: ...
 
+    def fingerprint(self) -> Hashable:
+        """What cached passage KV depends on besides its ids (weights, adapter state, cache type)."""
+        ...
+
 
 def check_backend(
     backend: Backend, config: FlashBackConfig, name: str, grammar: bool, output_logits: bool, logprobs: bool
 ) -> None:
     """Refuse, before any work, what this backend cannot do for this call."""
+    problem = getattr(backend, "problem", None)
+    if config.mode == "isolated" and problem is not None:
+        raise ConfigError(
+            f"mode='isolated' places passages before the text at their own positions; {name!r} on the "
+            f"{backend.name} backend has {problem}, where that layout is not defined. Use mode='append', "
+            "'prepend' or 'none'."
+        )
     if config.mode == "isolated" and not backend.places_positions:
         raise ConfigError(
             f"mode='isolated' places passages at negative positions, read through rotary position "
@@ -115,3 +126,6 @@ class TorchBackend:
 
     def open(self, passages: PassageKVCache | None, fingerprint: Hashable | None) -> KVContext:
         return KVContext(self.model, passages, fingerprint, self.pool)
+
+    def fingerprint(self) -> Hashable:
+        return weights_fingerprint(self.model)

