@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,32 +66,48 @@ def export_hf(model: str = "default", adapter: str | Path | bool | None = None, 
     marks = find_mark_ids(tokenizer, merged.get_input_embeddings().weight.shape[0])
     _zero_untied_mark_rows(merged, marks)
     merged = merged.to(getattr(torch, dtype))
+    with _staged(out) as stage:
+        merged.save_pretrained(stage, safe_serialization=True)
+        tokenizer.save_pretrained(stage)
+        _write_record(stage, _record(model, adapter, manifest, marks, dtype))
+    return out
+
+
+@contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` that becomes ``out`` when the block ends without error: a kill or a
+    full disk never leaves a half-written export."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
+    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        record = {
-            "base_model": model,
-            "adapter": str(adapter) if adapter is not None else None,
-            "flashback_config": manifest.flashback_config if manifest is not None else {},
-            "mark_tokens": [MARK_L, MARK_R] if marks is not None else [],
-            # marks bound passages and are never generated: an engine serving this checkpoint must ban them
-            # (logit_bias -100 in an OpenAI-style request), as the torch engine masks them
-            "never_generate": [marks.left, marks.right] if marks is not None else [],
-            "dtype": dtype,
-        }
-        (tmp / EXPORT_MANIFEST).write_text(json.dumps(record, indent=2))
+        yield stage
         if out.exists():
             out.rmdir()
-        tmp.replace(out)
+        stage.replace(out)
     except Exception as exc:
         if is_disk_full(exc):
             raise disk_full(out.parent, f"exporting to {out}") from exc
         raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _record(model: str, adapter: Any, manifest: Any, marks: Any, dtype: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "base_model": model,
+        "adapter": str(adapter) if adapter is not None else None,
+        "flashback_config": manifest.flashback_config if manifest is not None else {},
+        "mark_tokens": [MARK_L, MARK_R] if marks is not None else [],
+        # marks bound passages and are never generated: an engine serving this checkpoint must ban them
+        # (logit_bias -100 in an OpenAI-style request), as the torch engine masks them
+        "never_generate": [marks.left, marks.right] if marks is not None else [],
+        "dtype": dtype,
+        **extra,
+    }
+
+
+def _write_record(folder: Path, record: dict[str, Any]) -> None:
+    (folder / EXPORT_MANIFEST).write_text(json.dumps(record, indent=2))
 
 
 def _zero_untied_mark_rows(model: Any, marks: Any) -> None:
@@ -275,40 +293,19 @@ def export_activated_gguf(
     plain = peft_model.base_model.unload()  # the base layers, with the mark rows merged at load
     marks = find_mark_ids(tokenizer, plain.get_input_embeddings().weight.shape[0])
     _zero_untied_mark_rows(plain, marks)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
-    try:
-        hf = tmp / "hf"
+    with _staged(out) as stage:
+        hf = Path(tempfile.mkdtemp(prefix=".hf-", dir=stage))
         with torch.no_grad():
             plain.save_pretrained(hf, safe_serialization=True)
         tokenizer.save_pretrained(hf)
-        folder = tmp / "out"
-        folder.mkdir()
-        export_gguf(hf, folder / "model.gguf", dtype=dtype)
-        _write_lora_gguf(loras, plain.config, folder / LORA_GGUF)
-        tokenizer.save_pretrained(folder)
+        export_gguf(hf, stage / "model.gguf", dtype=dtype)
+        shutil.rmtree(hf)
+        _write_lora_gguf(loras, plain.config, stage / LORA_GGUF)
+        tokenizer.save_pretrained(stage)
         if plain.generation_config is not None:
-            plain.generation_config.save_pretrained(folder)
-        record = {
-            "base_model": model,
-            "adapter": str(adapter),
-            "flashback_config": manifest.flashback_config,
-            "mark_tokens": [MARK_L, MARK_R] if marks is not None else [],
-            "never_generate": [marks.left, marks.right] if marks is not None else [],
-            "dtype": dtype,
-            "activation": ACTIVATION_PASSAGE,
-            "lora_gguf": LORA_GGUF,
-        }
-        (folder / EXPORT_MANIFEST).write_text(json.dumps(record, indent=2))
-        if out.exists():
-            out.rmdir()
-        folder.replace(out)
-    except Exception as exc:
-        if is_disk_full(exc):
-            raise disk_full(out.parent, f"exporting to {out}") from exc
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            plain.generation_config.save_pretrained(stage)
+        extra = {"activation": ACTIVATION_PASSAGE, "lora_gguf": LORA_GGUF}
+        _write_record(stage, _record(model, adapter, manifest, marks, dtype, **extra))
     return out
 
 
