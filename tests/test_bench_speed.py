@@ -214,8 +214,14 @@ def test_summary_compares_backends_side_by_side() -> None:
     ]  # fmt: skip
     with pytest.raises(ValueError, match="backend"):
         build_cases("default", "512", "append", 16, 128, None, None, 1, 1, "float32", "cpu", "tgi")
-    with pytest.raises(ValueError, match="llamacpp"):
-        build_cases("default", "512", "isolated", 16, 128, None, None, 1, 1, "float32", "cpu", "llamacpp")
+    with pytest.raises(ValueError, match="isolated: torch, llamacpp"):
+        build_cases("default", "512", "isolated", 16, 128, None, None, 1, 1, "float32", "cpu", "openai")
+    isolated = build_cases("shipped", "512", "none,isolated", 16, 128, None, None, 1, 1, "float32", "cpu", "llamacpp")
+    assert [(c.backend, c.mode, c.model) for c in isolated] == [
+        ("llamacpp", "none", "shipped"), ("llamacpp", "isolated", "shipped")
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="shipped"):
+        build_cases("shipped", "512", "append", 16, 128, None, None, 1, 1, "float32", "cpu", "torch")
 
 
 def test_bench_turns_refuses_vllm_before_loading_anything() -> None:

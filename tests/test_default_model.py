@@ -61,11 +61,15 @@ def test_default_resolves_to_a_verified_safetensors_copy(home) -> None:
 
 @needs_wheel
 def test_demo_runs_and_prints_retrievals(home) -> None:
+    import importlib.util
+
     result = CliRunner().invoke(app, ["demo", "--max-new-tokens", "8", "--stride", "4"])
     assert result.exit_code == 0, result.output
     assert "retrieval @ token 0" in result.output and "retrieval @ token 4" in result.output
-    for mode in ("append", "prepend", "none"):
-        assert mode in result.output
+    fast = importlib.util.find_spec("llama_cpp") is not None  # the demo's backend is auto: llama.cpp when installed
+    assert ("llamacpp backend" if fast else "torch backend") in result.output
+    rows = [line.split("│")[1].strip() for line in result.output.splitlines() if line.count("│") >= 4]
+    assert set(rows) >= {"isolated", "none"} and (fast or {"append", "prepend"} <= set(rows))
 
 
 def test_tampered_gguf_is_refused(tmp_path) -> None:
@@ -88,3 +92,28 @@ def test_flashback_home_override(monkeypatch, tmp_path) -> None:
     monkeypatch.delenv("FLASHBACK_HOME")
     assert "flashback-integrations" in str(resolve.flashback_home())
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@needs_wheel
+def test_the_shipped_default_on_llamacpp_answers_as_on_torch(home) -> None:
+    """backend='llamacpp' (and 'auto' on a CPU with llama-cpp-python) runs the default as shipped: isolated,
+    tail 32, its activated adapter as a LoRA GGUF switched on from the passage on. Same greedy answer as torch."""
+    pytest.importorskip("llama_cpp")
+    from flashback_integrations.loading.backends import auto_backend
+    from flashback_integrations.retrieval import BM25Retriever
+
+    cpp = FlashBackModel.from_pretrained("default", backend="llamacpp")
+    assert cpp.backend.name == "llamacpp" and cpp.backend.activated and cpp.backend.lora_path.is_file()
+    assert (cpp.config.mode, cpp.config.tail_tokens) == ("isolated", 32)
+    assert auto_backend("default", None, None, None, {}, None) == "llamacpp"
+    assert auto_backend("default", None, None, None, {}, "append") == "torch"  # the merged append adapter: torch
+    assert auto_backend("/some/folder", None, None, None, {}, None) == "torch"
+    reference = FlashBackModel.from_pretrained("default")
+    retriever = BM25Retriever(["json.dumps(obj, indent=4) pretty-prints JSON; sort_keys=True orders the keys."])
+    ids = reference.chat_ids([{"role": "user", "content": "How do I pretty-print JSON in Python?"}])
+    want = reference.generate(ids, retriever, max_new_tokens=24)
+    got = cpp.generate(ids, retriever, max_new_tokens=24)
+    assert got.token_ids == want.token_ids
+    assert [r.block_tokens for r in got.retrievals] == [r.block_tokens for r in want.retrievals]
+    again = FlashBackModel.from_pretrained("default", backend="llamacpp")  # the export is reused, not redone
+    assert again.backend.model_path == cpp.backend.model_path

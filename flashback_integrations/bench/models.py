@@ -53,6 +53,8 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 MODES = ("prepend", "append", "isolated", "isolated-warm", "none")
+SHIPPED = "shipped"
+"""Model name of the shipped default as loaded by a user (isolated + activated adapter, unmerged)."""
 BENCH_BACKENDS = ("torch", "llamacpp", "openai", "vllm")
 """The engine's backends; ``openai`` is timed on llama.cpp's server, ``vllm`` is the same backend on vLLM."""
 WARM_POOL = 4
@@ -144,6 +146,12 @@ def load_model(name: str, dtype: str, device: str, backend: str = "torch", gguf_
             model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
         fill_random(model)
         return FlashBackModel(model.eval(), synthetic_tokenizer(config.vocab_size), name=name)
+    if name == SHIPPED:  # what a user gets: isolated + the activated adapter, unmerged (a LoRA GGUF on llama.cpp)
+        if backend == "llamacpp":
+            from ..loading.backends import default_isolated_export
+
+            return FlashBackModel.from_gguf(str(default_isolated_export(gguf_dtype or "float16")))
+        return FlashBackModel.from_pretrained("default", dtype=dtype, device=device)
     if backend == "llamacpp":
         return FlashBackModel.from_gguf(gguf_export(name, gguf_dtype or dtype))
     if backend == "openai":  # llama.cpp's server on the same GGUF, for this process's life

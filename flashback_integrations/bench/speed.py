@@ -25,6 +25,7 @@ from typing import Any
 from .models import (
     BENCH_BACKENDS,
     MODES,
+    SHIPPED,
     WARM_POOL,
     check_options,
     finish_plot,
@@ -83,7 +84,7 @@ def run_case(case: SpeedCase, fb: Any = None) -> dict[str, Any]:
         num_passages=1,
         max_doc_tokens=case.doc_tokens,  # type: ignore[arg-type]
         query_tokens=32,
-        marks=False,
+        marks=None if case.model == SHIPPED else False,  # the shipped adapter reads its passages between marks
         tail_tokens=case.tail_tokens,
     )
     use = retriever if case.mode != "none" else None
@@ -319,8 +320,14 @@ def build_cases(
     unknown = [b for b in engines if b not in BENCH_BACKENDS]
     if unknown:
         raise ValueError(f"unknown backend(s) {unknown}; backends are {', '.join(BENCH_BACKENDS)}.")
-    if set(engines) - {"torch"} and ({"isolated", "isolated-warm"} & set(names) or batch_size > 1):
-        raise ValueError("the llamacpp, openai and vllm backends time none, prepend and append at batch size 1.")
+    if set(engines) - {"torch", "llamacpp"} and ({"isolated", "isolated-warm"} & set(names)):
+        raise ValueError("the openai and vllm backends time none, prepend and append (isolated: torch, llamacpp).")
+    if set(engines) - {"torch"} and batch_size > 1:
+        raise ValueError("the llamacpp, openai and vllm backends time batch size 1.")
+    if model == SHIPPED and set(engines) - {"torch", "llamacpp"}:
+        raise ValueError(f"--model {SHIPPED} (the activated adapter, unmerged) runs on torch and llamacpp.")
+    if model == SHIPPED and {"append", "prepend"} & set(names):
+        raise ValueError(f"--model {SHIPPED} is the isolated adapter: time none, isolated and isolated-warm.")
     shared = {"model": model, "stride": stride, "doc_tokens": doc_tokens, "dtype": dtype, "device": device}
     shared |= {"repeats": repeats, "batch_size": batch_size, "tail_tokens": tail_tokens}
     for total in parse_lengths(lengths):

@@ -19,7 +19,10 @@ from .options import ChunkTokens, Out, Stem, Tokenizer
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 BenchModel = Annotated[
     str,
-    typer.Option(help=f"'default', a hub id/path, or config:NAME (random weights: {', '.join(NAMED_CONFIGS)})."),
+    typer.Option(
+        help=f"'default', a hub id/path, config:NAME (random weights: {', '.join(NAMED_CONFIGS)}), or 'shipped' "
+        "(speed: the default as a user loads it, isolated with its activated adapter unmerged)."
+    ),
 ]
 BenchDtype = Annotated[str, typer.Option(help=" | ".join(DTYPES))]
 BenchDevice = Annotated[str, typer.Option(help="cpu | cuda")]

@@ -72,7 +72,7 @@ DEMO_QUESTIONS = (
 
 
 @app.command()
-@with_settings(load=LoadSettings)
+@with_settings(load=(LoadSettings, {"backend": "auto"}))
 def demo(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 64,
     stride: Annotated[int, typer.Option(help="Retrieve every N tokens.")] = 16,
@@ -83,8 +83,6 @@ def demo(
     load: LoadSettings,
 ) -> None:
     """Answer questions with retrieval over the bundled corpus, then time each mode."""
-    from ..engine.activation import is_activated
-    from ..engine.kv import uses_rotary_positions
     from ..loading.shipped import default_mode_for
     from ..store import ChromaRetriever, Embedder, connect, default_persist_dir, ingest
 
@@ -102,8 +100,8 @@ def demo(
         f"{report.chunks_total} chunks of {escape(str(corpus))} ({report.chunks_added} added now)[/]"
     )
     base = FlashBackConfig(mode=first, stride=stride, query_tokens=32, num_passages=1, max_doc_tokens=128)
-    activated = " (activated adapter: the base model until the passage)" if is_activated(fb.model) else ""
-    console.print(f"[dim]mode {first}{activated}[/]")
+    activated = " (activated adapter: the base model until the passage)" if fb.backend.activated else ""
+    console.print(f"[dim]mode {first}{activated}, {fb.backend.name} backend[/]")
     prompts = [fb.chat_ids([{"role": "user", "content": q}]) for q in DEMO_QUESTIONS]
     fb.generate(prompts[0], max_new_tokens=2, config=base.replace(mode="none"))  # warm-up
     for question, prompt in zip(DEMO_QUESTIONS, prompts, strict=True):
@@ -121,13 +119,15 @@ def demo(
     for column in ("mode", "seconds", "ms / token", "tokens through the model"):
         table.add_column(column, justify="left" if column == "mode" else "right")
     modes = ("append", "prepend", "none")
-    if uses_rotary_positions(fb.model):
+    if fb.backend.places_positions:
         modes = ("isolated", *modes)
     for mode in modes:
         seconds, forwarded = 0.0, 0
         own_adapter = load.adapter is None and load.model == "default"
+        if fb.backend.name == "llamacpp" and own_adapter and mode in ("append", "prepend"):
+            continue  # llama.cpp runs the default's isolated adapter; `flashback export --gguf` for append
         fb_mode = load_model(load, mode) if own_adapter else fb
-        if is_activated(fb_mode.model) and mode in ("append", "prepend"):
+        if fb_mode.backend.activated and mode in ("append", "prepend"):
             continue  # an activated adapter serves isolated/none only; pass --adapter for the others
         for question, prompt in zip(DEMO_QUESTIONS, prompts, strict=True):
             result = fb_mode.generate(

@@ -67,6 +67,12 @@ def resolve_model(name_or_path: str) -> str:
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ModelResolutionError(f"model must be 'default', a hub id or a folder, got {name_or_path!r}.")
     if name_or_path != "default":
+        if ":" in name_or_path and "/" not in name_or_path and not Path(name_or_path).expanduser().exists():
+            raise ModelResolutionError(
+                f"{name_or_path!r} looks like an Ollama tag; Ollama's models are not loaded here. A model is "
+                "'default', a Hugging Face hub id (org/name, e.g. Qwen/Qwen2.5-0.5B-Instruct), a local folder, or a "
+                "GGUF file (FlashBackModel.from_gguf(folder, gguf=PATH))."
+            )
         if looks_like_path(name_or_path) and not Path(name_or_path).expanduser().exists():
             raise ModelResolutionError(
                 f"model folder {name_or_path} does not exist; pass 'default', a hub id (org/name) or an "
@@ -163,6 +169,8 @@ def load_pretrained(source: str, kind: str = "model", trust_remote_code: bool = 
     trusted = check_trust_remote_code(trust_remote_code)
     extra = check_model_kwargs({k: v for k, v in kwargs.items() if k not in ("dtype", "revision")})
     own = {k: kwargs[k] for k in ("dtype", "revision") if k in kwargs}
+    if not Path(str(source)).expanduser().exists() and not _hub_ready(str(source), kwargs.get("revision")):
+        own["local_files_only"] = True  # cached here and the hub unreachable: no retries, the cached files
     loader = AutoTokenizer if kind == "tokenizer" else AutoModelForCausalLM
     try:
         return loader.from_pretrained(source, trust_remote_code=trusted, **extra, **own)
@@ -183,6 +191,51 @@ def load_pretrained(source: str, kind: str = "model", trust_remote_code: bool = 
             "'default', a hub id reachable from here, or a folder with config.json, weights and tokenizer; "
             "check revision and model_kwargs (a quantization_config needs its library installed)."
         ) from exc
+
+
+HUB_PROBE_SECONDS = 3.0
+
+
+def _hub_host() -> tuple[str, int]:
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the hub's host answers a TCP connect within ``timeout`` (DNS included)."""
+    import socket
+
+    try:
+        socket.create_connection(_hub_host(), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_ready(source: str, revision: str | None) -> bool:
+    """True when loading ``source`` from the hub can go ahead as usual; False when it is cached here and the
+    hub cannot be reached (load the cached files only). Raises, within seconds, when it is neither: the
+    hub's own client would retry for about a minute before saying so."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        return True  # the user said so: transformers reads the cache without network
+    if hub_reachable():
+        return True
+    cached = try_to_load_from_cache(source, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return False
+    host = _hub_host()[0]
+    raise ModelResolutionError(
+        f"{source!r} is a Hugging Face hub id, {host} cannot be reached from here and it is not in the local cache. "
+        "Offline, pass 'default' (the bundled SmolLM2-135M-Instruct), a local folder with config.json, weights and "
+        "tokenizer, or a GGUF (FlashBackModel.from_gguf / backend='llamacpp'); with a cache filled elsewhere set "
+        "HF_HUB_OFFLINE=1."
+    )
 
 
 def _dequantize(gguf: Path, out: Path) -> None:

@@ -194,7 +194,7 @@ def test_per_call_options_override_and_unknown_ones_fail(llm, fb) -> None:
     assert short["completion_tokens"] == 3
     with_stride = llm.generate(["The json module"], stride=5).generations[0][0].generation_info
     assert [r["step"] for r in with_stride["retrievals"]] == [0, 5]
-    with pytest.raises(ValueError, match=r"Unknown per-call option\(s\) \['tempreature'\]"):
+    with pytest.raises(ValueError, match=r"a call takes no argument 'tempreature'; did you mean 'temperature'"):
         llm.invoke("The json module", tempreature=0.5)
 
 
