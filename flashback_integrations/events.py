@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
+from .errors import ConfigError
 from .retrieval.base import Passage
 
 if TYPE_CHECKING:
@@ -95,6 +96,10 @@ class GenerationResult:
     elapsed_s: float
     logprobs: list[TokenLogprob] | None = None
     """One entry per generated token when ``logprobs`` was asked for."""
+    mode: str | None = None
+    """The layout this call ran (``config.mode`` as resolved)."""
+    mode_reason: str | None = None
+    """Why that layout, when the call did not name one (the adapter's; or, without one, the safe default)."""
 
     @property
     def completion_tokens(self) -> int:
@@ -140,3 +145,24 @@ def logprobs_payload(tokenizer: Any, entries: Iterable[TokenLogprob]) -> dict[st
     return {
         "content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]} for e in entries]
     }
+
+
+_HOOKS = ("on_retrieval_start", "on_retrieval_end", "on_retrieval_error", "on_token")
+
+
+def check_call_arguments(ignore_eos: Any, output_logits: Any, callbacks: Any, first_query: Any) -> None:
+    """Call arguments of the wrong type fail here, named, before any model or retriever work."""
+    for name, value in (("ignore_eos", ignore_eos), ("output_logits", output_logits)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
+    if callbacks is not None:
+        if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, (list, tuple)):
+            raise ConfigError(f"callbacks must be a list of FlashBackCallback objects, got {type(callbacks).__name__}.")
+        for i, cb in enumerate(callbacks):
+            if not all(callable(getattr(cb, hook, None)) for hook in _HOOKS):
+                raise ConfigError(
+                    f"callbacks[{i}] ({type(cb).__name__}) is not a FlashBackCallback: subclass "
+                    "flashback_integrations.FlashBackCallback (it needs " + ", ".join(_HOOKS) + ")."
+                )
+    if first_query is not None and not isinstance(first_query, str):
+        raise ConfigError(f"first_query must be a string or None, got {type(first_query).__name__}.")

@@ -97,3 +97,73 @@ def test_call_arguments_map_or_are_refused_too(chat_path) -> None:
     assert message.usage_metadata["output_tokens"] <= 2
     with pytest.raises(ConfigError, match="with_structured_output"):
         chat.invoke("hi", format="json")
+
+
+# ----------------------------------------------------------------------------- safe defaults for any model
+def test_a_model_without_an_adapter_reads_passages_isolated_and_says_why(chat_path, caplog) -> None:
+    import logging
+
+    from tiny import HashRetriever
+
+    from flashback_integrations import FlashBackConfig
+
+    fb = FlashBackModel.from_pretrained(chat_path, adapter="none")
+    with caplog.at_level(logging.INFO, logger="flashback_integrations"):
+        result = fb.generate("The json module", HashRetriever(), config=FlashBackConfig(stride=4), max_new_tokens=6)
+        fb.generate("The json module", HashRetriever(), config=FlashBackConfig(stride=4), max_new_tokens=6)
+    assert result.mode == "isolated" and "rotary" in result.mode_reason
+    assert [r.message for r in caplog.records].count(f"{fb.name}: mode=isolated ({result.mode_reason})") == 1
+    named = fb.generate("x", HashRetriever(), config=FlashBackConfig(mode="prepend"), max_new_tokens=2)
+    assert named.mode == "prepend" and named.mode_reason is None
+
+
+def test_a_model_without_rotary_positions_gets_its_passages_in_the_prompt() -> None:
+    from tiny import make_model
+
+    model, tok = make_model("gpt2", marks=False)
+    fb = FlashBackModel(model, tok)
+    assert fb.default_mode() == (
+        "prepend",
+        "no FlashBack adapter and no rotary positions: the passages go before the prompt",
+    )
+
+
+def test_untrained_append_runs_only_when_asked_and_warns_once_with_its_cost(chat_path) -> None:
+    from tiny import HashRetriever
+
+    from flashback_integrations import FlashBackConfig
+
+    fb = FlashBackModel.from_pretrained(chat_path, adapter="none")
+    fb = FlashBackModel(fb.model, fb.tokenizer, name="bare")  # no marks, no adapter
+    with pytest.warns(UserWarning, match="78.6 PPL"):
+        fb.generate("x", HashRetriever(), config=FlashBackConfig(mode="append"), max_new_tokens=2)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fb.generate("x", HashRetriever(), config=FlashBackConfig(mode="append"), max_new_tokens=2)  # once only
+
+
+def test_framework_classes_report_the_resolved_mode(chat_path) -> None:
+    from tiny import HashRetriever
+
+    from flashback_integrations.langchain import FlashBackLLM
+
+    llm = FlashBackLLM(model=chat_path, adapter="none", retriever=HashRetriever(), max_tokens=4)
+    info = llm.generate(["The json module"]).generations[0][0].generation_info
+    assert info["mode"] == "isolated" and "rotary" in info["mode_reason"]
+
+
+# ----------------------------------------------------------------------------- quiet by default
+def test_the_cli_prints_no_library_bars_or_warnings_unless_verbose(chat_path, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    args = ["generate", "The json module", "--model", chat_path, "--adapter", "none", "--max-new-tokens", "3"]
+    run = [sys.executable, "-m", "flashback_integrations.cli"]
+    env = {**__import__("os").environ, "FLASHBACK_HOME": str(tmp_path)}
+    quiet = subprocess.run([*run, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "Loading weights" not in quiet.stderr and "Warning" not in quiet.stderr, quiet.stderr
+    loud = subprocess.run([*run, "--verbose", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert loud.returncode == 0 and "mode=isolated" in loud.stderr, loud.stderr

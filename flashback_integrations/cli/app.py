@@ -40,6 +40,41 @@ index_app = sub_app("Build and inspect Chroma collections (embedded or a Chroma 
 bench_app = sub_app("Benchmarks that print figures and write JSON + PNG.")
 data_app = sub_app("Build training/evaluation examples (targets + retrieved passages).")
 eval_app = sub_app("Quality evaluation.")
+
+
+@app.callback()
+def _options(
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show libraries' progress bars and warnings, and this package's log."
+    ),
+) -> None:
+    """FlashBack: retrieval-augmented generation with KV-cache reuse."""
+    quiet_libraries(not verbose)
+
+
+def quiet_libraries(quiet: bool = True) -> None:
+    """A command's output is its own: no loading bars or library warnings unless asked (``--verbose``, which
+    also shows this package's log: the mode each model resolved to, and why)."""
+    import logging
+    import warnings
+
+    import huggingface_hub.utils
+    import transformers
+
+    if quiet:
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        huggingface_hub.utils.disable_progress_bars()
+        for module in ("transformers", "peft", "torch", "huggingface_hub", "sentence_transformers", "chromadb"):
+            warnings.filterwarnings("ignore", module=module)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        return
+    transformers.utils.logging.enable_progress_bar()
+    huggingface_hub.utils.enable_progress_bars()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flashback_integrations").setLevel(logging.INFO)
+
+
 app.add_typer(index_app, name="index")
 app.add_typer(bench_app, name="bench")
 app.add_typer(data_app, name="data")

@@ -100,6 +100,8 @@ def demo(
         f"{report.chunks_total} chunks of {escape(str(corpus))} ({report.chunks_added} added now)[/]"
     )
     base = FlashBackConfig(mode=first, stride=stride, query_tokens=32, num_passages=1, max_doc_tokens=128)
+    first = fb.resolve_config(base).mode
+    base = base.replace(mode=first)
     activated = " (activated adapter: the base model until the passage)" if fb.backend.activated else ""
     console.print(f"[dim]mode {first}{activated}, {fb.backend.name} backend[/]")
     prompts = [fb.chat_ids([{"role": "user", "content": q}]) for q in DEMO_QUESTIONS]

@@ -69,6 +69,48 @@ def passage_text(text: str) -> str:
     return _SURROGATE.sub("\ufffd", text)
 
 
+def _is_id(value: Any) -> bool:
+    import numbers
+
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def prompt_ids(tokenizer: Any, prompt: Any, rows: int, marks: MarkIds | None) -> list[int]:
+    """A prompt (text or ids) as ids, checked: text through :func:`encode_text` (marks stay text), ids inside
+    the vocabulary ``[0, rows)`` and free of the marks; an empty prompt is the BOS token."""
+    import torch
+
+    if isinstance(prompt, str):
+        check_utf8(prompt, "the prompt")
+        ids = encode_text(tokenizer, prompt)
+    elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
+        ids = [int(i) for i in prompt] if all(_is_id(i) for i in prompt) else None
+        if ids is None:
+            raise ConfigError("prompt ids must be integers; pass a string or a list of token ids.")
+        bad = [i for i in ids if not 0 <= i < rows]
+        if bad:
+            raise ConfigError(f"prompt ids {bad[:5]} are outside this model's vocabulary [0, {rows}).")
+        if marks is not None and (marks.left in ids or marks.right in ids):
+            raise ConfigError(
+                f"prompt ids contain the marking tokens {MARK_L}/{MARK_R} ({marks.left}, {marks.right}); they "
+                "only bound retrieved passages. Remove them from the prompt."
+            )
+    else:
+        raise ConfigError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}.")
+    if not ids:
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            raise ConfigError(
+                "The prompt is empty and this tokenizer has no BOS token to start from; give a non-empty prompt."
+            )
+        ids = [bos]
+    return ids
+
+
 def _special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
     """The ids the tokenizer puts before and after a text (e.g. BOS) when asked for special tokens."""
     bare = tokenizer("x", add_special_tokens=False)["input_ids"]

@@ -53,6 +53,7 @@ class GenerationSpec:
     callbacks: list[FlashBackCallback] = field(default_factory=list)
     output_logits: bool = False
     first_query: str | None = None
+    mode_reason: str | None = None
     passage_cache: PassageKVCache | None = None
     fingerprint: Hashable | None = None
     grammar: Grammar | None = None
@@ -141,6 +142,8 @@ def run(backend: Backend, tokenizer: Any, spec: GenerationSpec) -> Iterator[Even
             forward_tokens=fed_total,
             elapsed_s=time.perf_counter() - started,
             logprobs=logprobs,
+            mode=spec.config.mode,
+            mode_reason=spec.mode_reason,
         )
     )
 
@@ -228,6 +231,8 @@ def _run_strides(backend: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator
             prompt_tokens=len(prompt),
             forward_tokens=fed_total,
             elapsed_s=time.perf_counter() - started,
+            mode=spec.config.mode,
+            mode_reason=spec.mode_reason,
         )
     )
 
@@ -302,6 +307,8 @@ def run_rows(model: Any, tokenizer: Any, specs: Sequence[GenerationSpec]) -> lis
             prompt_tokens=len(specs[i].prompt_ids),
             forward_tokens=fed_total,
             elapsed_s=elapsed,
+            mode=specs[i].config.mode,
+            mode_reason=specs[i].mode_reason,
         )
         for i, tokens in enumerate(generated)
     ]

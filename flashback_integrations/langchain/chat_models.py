@@ -58,6 +58,8 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
     """``tool_choice`` when ``bind_tools`` was given none. ``"first"`` suits small models not trained
     to decide when to call (the default SmolLM2-135M never calls on its own): a call is required
     until a tool result follows the last user message, then the model answers from it."""
+    streaming: bool = False
+    """``invoke`` streams underneath (LangChain's convention: callbacks get each token)."""
 
     @property
     def _llm_type(self) -> str:
@@ -126,6 +128,8 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
             "model_provider": "flashback",
             "finish_reason": result.finish_reason,
             "retrievals": [r.payload() for r in result.retrievals],
+            "mode": result.mode,
+            "mode_reason": result.mode_reason,
         }
         if result.logprobs is not None:
             metadata["logprobs"] = logprobs_payload(fb.tokenizer, result.logprobs)

@@ -19,6 +19,8 @@ def _generation_info(result: GenerationResult, tokenizer: Any) -> dict[str, Any]
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
         "retrievals": [r.payload() for r in result.retrievals],
+        "mode": result.mode,
+        "mode_reason": result.mode_reason,
     }
     if result.logprobs is not None:  # with logprobs=True: OpenAI's format, as ChatFlashBack reports it
         info["logprobs"] = logprobs_payload(tokenizer, result.logprobs)

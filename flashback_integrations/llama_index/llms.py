@@ -176,6 +176,8 @@ class FlashBackLLM(FlashBackSettings, FunctionCallingLLM):
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,
             "retrievals": result.retrievals,
+            "mode": result.mode,
+            "mode_reason": result.mode_reason,
         }
 
     def _chat_prompt(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> tuple[Any, str | None]:

@@ -11,7 +11,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -179,13 +178,15 @@ def load_pretrained(source: str, kind: str = "model", trust_remote_code: bool = 
             f"cannot load {kind} {source!r}: {exc}. Drop that entry from model_kwargs (they are passed to "
             "from_pretrained and the model's constructor as they are)."
         ) from exc
-    except pickle.UnpicklingError as exc:
-        raise ModelResolutionError(
-            f"cannot load {kind} {source!r}: its weights are a pickle holding more than tensors, which is refused "
-            "(loading it could run code). Convert the weights to safetensors where you trust the source, or "
-            "use another copy of the model."
-        ) from exc
-    except (OSError, ValueError, ImportError) as exc:
+    except Exception as exc:
+        if type(exc).__name__ != "UnpicklingError" and not isinstance(exc, (OSError, ValueError, ImportError)):
+            raise
+        if type(exc).__name__ == "UnpicklingError":  # torch's weights_only refusal
+            raise ModelResolutionError(
+                f"cannot load {kind} {source!r}: its weights are a pickle holding more than tensors, which is "
+                "refused (loading it could run code). Convert the weights to safetensors where you trust the source, "
+                "or use another copy of the model."
+            ) from exc
         raise ModelResolutionError(
             f"cannot load {kind} {source!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). Pass "
             "'default', a hub id reachable from here, or a folder with config.json, weights and tokenizer; "

@@ -32,14 +32,15 @@ def shipped_adapter(mode: str | None = None) -> Path | None:
     return _packaged(SHIPPED_ADAPTERS.get(mode, SHIPPED_ADAPTERS["append"]))
 
 
-def default_mode_for(name: str, adapter: str | Path | bool | None = None) -> str:
-    """The mode a model loads with when none is given: its adapter's (manifest), else append."""
+def default_mode_for(name: str, adapter: str | Path | bool | None = None) -> str | None:
+    """The mode a model loads with when none is given: its adapter's (manifest); None without one, where the
+    loaded model decides (``FlashBackModel.default_mode``: isolated on rotary positions, else prepend)."""
     chosen = choose_adapter(name, adapter, None)
     if chosen is None:
-        return "append"
+        return None
     manifest = AdapterManifest.load(chosen) if Path(chosen).is_dir() else None
     mode = manifest.flashback_config.get("mode") if manifest is not None else None
-    return mode if isinstance(mode, str) else "append"
+    return mode if isinstance(mode, str) else None
 
 
 def choose_adapter(name: str, adapter: str | Path | bool | None, config: FlashBackConfig | None) -> str | Path | None:
@@ -52,3 +53,19 @@ def choose_adapter(name: str, adapter: str | Path | bool | None, config: FlashBa
     if adapter is None and name == "default" and (config is None or config.marks is not False):
         return shipped_adapter(config.mode if config is not None else None)
     return adapter
+
+
+def safe_mode(rotary: bool) -> tuple[str, str]:
+    """The layout of a model without a FlashBack adapter, and why: isolated on rotary positions (measured
+    -5..-9% perplexity untrained), else prepend (the passages before the prompt, as a stuff chain puts them)."""
+    if rotary:
+        return "isolated", "no FlashBack adapter: isolated reads passages without training (rotary positions)"
+    return "prepend", "no FlashBack adapter and no rotary positions: the passages go before the prompt"
+
+
+def untrained_append_warning(name: str) -> str:
+    return (
+        f"mode='append' on {name!r}, which has no FlashBack adapter: the paper's layout untrained reads its "
+        "passages poorly (measured on the default model's base: 78.6 PPL against 12.8 without retrieval). Use "
+        "mode='isolated' (rotary models) or 'prepend', or train an adapter (`flashback train`)."
+    )
