@@ -128,13 +128,14 @@ def test_a_model_without_rotary_positions_gets_its_passages_in_the_prompt() -> N
     )
 
 
-def test_untrained_append_runs_only_when_asked_and_warns_once_with_its_cost(chat_path) -> None:
+def test_untrained_append_runs_only_when_asked_and_warns_once_with_its_cost() -> None:
     from tiny import HashRetriever
 
     from flashback_integrations import FlashBackConfig
 
-    fb = FlashBackModel.from_pretrained(chat_path, adapter="none")
-    fb = FlashBackModel(fb.model, fb.tokenizer, name="bare")  # no marks, no adapter
+    from tiny import make_model
+
+    fb = FlashBackModel(*make_model("llama", marks=False), name="bare")  # no marks, no adapter
     with pytest.warns(UserWarning, match="78.6 PPL"):
         fb.generate("x", HashRetriever(), config=FlashBackConfig(mode="append"), max_new_tokens=2)
     import warnings
