@@ -151,7 +151,7 @@ class LoadSettings:
     revision: str | None = setting(None, "Hub branch, tag or commit of the model.")
     trust_remote_code: bool = setting(False, "Run the model repository's own code (trusted repositories only).")
     backend: str = setting(
-        "torch",
+        "auto",
         "torch | llamacpp (a GGUF on llama.cpp; the default model: isolated with its adapter as a LoRA GGUF) | "
         "openai (a completions server with prefix caching: llama-server, vLLM; modes none, prepend, append) | auto "
         "(llamacpp for the default model on a CPU when llama-cpp-python is installed, else torch).",
@@ -191,5 +191,6 @@ class LoadSettings:
             "device": self.device,
             "revision": self.revision,
             "trust_remote_code": self.trust_remote_code,
-            **({"backend": self.backend, **self._where()} if self.backend != "torch" else {}),
+            "backend": self.backend,
+            **({} if self.backend == "torch" else self._where()),
         }

@@ -82,7 +82,7 @@ class FlashBackModel:
         context_cache_bytes: int = DEFAULT_CONTEXT_POOL_BYTES,
         revision: str | None = None,
         trust_remote_code: bool = False,
-        backend: str = "torch",
+        backend: str = "auto",
         gguf: str | Path | None = None,
         server_url: str | None = None,
         served_model: str | None = None,
@@ -102,10 +102,11 @@ class FlashBackModel:
         check_trust_remote_code(trust_remote_code)
         model_kwargs = check_model_kwargs(model_kwargs)
         if backend == "auto":
-            from .loading.backends import auto_backend
+            from .loading.backends import AUTO_REASONS, auto_backend
 
             mode = config.mode if config is not None else None
             backend = auto_backend(name_or_path, adapter, dtype, device, model_kwargs, mode)
+            logger.info("%s: backend=%s (auto: %s)", name_or_path, backend, AUTO_REASONS[backend])
         if backend != "torch":
             from .loading.backends import load_backend
 

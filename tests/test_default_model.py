@@ -68,8 +68,11 @@ def test_demo_runs_and_prints_retrievals(home) -> None:
     assert "retrieval @ token 0" in result.output and "retrieval @ token 4" in result.output
     fast = importlib.util.find_spec("llama_cpp") is not None  # the demo's backend is auto: llama.cpp when installed
     assert ("llamacpp backend" if fast else "torch backend") in result.output
-    rows = [line.split("│")[1].strip() for line in result.output.splitlines() if line.count("│") >= 4]
-    assert set(rows) >= {"isolated", "none"} and (fast or {"append", "prepend"} <= set(rows))
+    rows = {line.split("│")[1].strip() for line in result.output.splitlines() if line.count("│") >= 4}
+    if fast:  # the default on llama.cpp beside the same default on torch
+        assert rows == {"isolated (llamacpp)", "isolated (torch)", "none (llamacpp)", "none (torch)"}, rows
+    else:
+        assert rows >= {"isolated", "append", "prepend", "none"}, rows
 
 
 def test_tampered_gguf_is_refused(tmp_path) -> None:

@@ -180,10 +180,11 @@ def test_isolated_calls_from_several_threads_equal_sequential_calls(exact) -> No
     _, cpp = exact
     cfg = TRAINED.replace(mode="isolated", tail_tokens=2, num_passages=2)
     prompts = ["The json module dumps", "Lists are mutable", "A dict maps keys", "The os module"]
+    prompts += ["Sets hold unique items", "Tuples are immutable", "The re module", "Strings split"]
     alone = [
         cpp.generate(p, HashRetriever(), config=cfg, max_new_tokens=10, ignore_eos=True).token_ids for p in prompts
     ]
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(8) as pool:
         together = list(
             pool.map(
                 lambda p: cpp.generate(p, HashRetriever(), config=cfg, max_new_tokens=10, ignore_eos=True).token_ids,
@@ -255,14 +256,15 @@ def activated(tmp_path_factory):
     save_tiny_adapter(base, adapter, cfg, seed=2, activated=True)
     out = export_activated_gguf(str(base), adapter, tmp_path_factory.mktemp("act-export") / "out", dtype="float32")
     torch_fb = FlashBackModel.from_pretrained(str(base), adapter=str(adapter))
-    return torch_fb, FlashBackModel.from_gguf(str(out), n_threads=1, kv_type="f32", passage_room=64), out
+    cpp = FlashBackModel.from_gguf(str(out), n_threads=1, kv_type="f32", passage_room=64)
+    return torch_fb, cpp, out, base, adapter
 
 
 @pytest.mark.parametrize("mode", ["isolated", "none"])
 def test_an_activated_adapter_on_llamacpp_is_the_torch_gate(activated, mode) -> None:
     """The LoRA is on for the passage segments and the tail only: the same tokens and logits as the torch
     backend's per-token gate; without retrieval, the base model's."""
-    reference, cpp, _ = activated
+    reference, cpp, *_ = activated
     assert reference.backend.activated and cpp.backend.activated
     cfg = reference.config.replace(mode=mode)
     want_logits, want = _isolated(reference, cfg)
@@ -282,7 +284,7 @@ def _without_marks(fb) -> torch.Tensor:
 
 def test_the_lora_gguf_matters(activated) -> None:
     """The control: without its LoRA GGUF the same export gives other logits after the first retrieval."""
-    reference, _, out = activated
+    reference, _, out, *_ = activated
     plain = FlashBackModel.from_gguf(str(out), gguf=out / "model.gguf", n_threads=1, kv_type="f32", passage_room=64)
     plain.backend._set_lora(False)
     plain.backend._adapter = None  # as if the export had no adapter.gguf
@@ -294,6 +296,6 @@ def test_the_lora_gguf_matters(activated) -> None:
 
 
 def test_an_activated_export_refuses_merged_modes(activated) -> None:
-    _, cpp, _ = activated
+    _, cpp, *_ = activated
     with pytest.raises(ConfigError, match="activated"):
         cpp.generate("x", HashRetriever(), config=cpp.config.replace(mode="append"), max_new_tokens=2)

@@ -129,11 +129,9 @@ def test_a_model_without_rotary_positions_gets_its_passages_in_the_prompt() -> N
 
 
 def test_untrained_append_runs_only_when_asked_and_warns_once_with_its_cost() -> None:
-    from tiny import HashRetriever
+    from tiny import HashRetriever, make_model
 
     from flashback_integrations import FlashBackConfig
-
-    from tiny import make_model
 
     fb = FlashBackModel(*make_model("llama", marks=False), name="bare")  # no marks, no adapter
     with pytest.warns(UserWarning, match="78.6 PPL"):

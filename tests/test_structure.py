@@ -156,10 +156,6 @@ COMMANDS = {
 }
 
 
-DEFAULTS = {("demo",): {"backend": "auto"}}
-"""Commands that declare another default for a field (the demo: llama.cpp when it is installed)."""
-
-
 @pytest.mark.parametrize("path", list(COMMANDS), ids=" ".join)
 def test_cli_options_are_derived_from_the_settings(path: tuple[str, ...]) -> None:
     """Each field is an option named after it, with the field's help and default."""
@@ -171,7 +167,7 @@ def test_cli_options_are_derived_from_the_settings(path: tuple[str, ...]) -> Non
             assert option.help == help_of(f)
             assert option.opts[0] == "--" + f.name.replace("_", "-")
             if f.default is not dataclasses.MISSING and not isinstance(f.default, (list, dict)):
-                assert option.default == DEFAULTS.get(path, {}).get(f.name, f.default), (cls.__name__, f.name)
+                assert option.default == f.default, (cls.__name__, f.name)
 
 
 def test_a_derived_option_reaches_the_settings_object_and_its_check() -> None:

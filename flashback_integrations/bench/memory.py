@@ -43,7 +43,7 @@ def run_memory(
         for k, v in (("passage_cache_bytes", passage_cache_mib), ("context_cache_bytes", context_cache_mib))
         if v is not None
     }
-    fb = FlashBackModel.from_pretrained(model, **sizes)
+    fb = FlashBackModel.from_pretrained(model, backend="torch", **sizes)
     random_ids = random_id_source(fb, seed)
     config = FlashBackConfig(stride=8, num_passages=2, max_doc_tokens=64)
 

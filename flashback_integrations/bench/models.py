@@ -151,7 +151,7 @@ def load_model(name: str, dtype: str, device: str, backend: str = "torch", gguf_
             from ..loading.backends import default_isolated_export
 
             return FlashBackModel.from_gguf(str(default_isolated_export(gguf_dtype or "float16")))
-        return FlashBackModel.from_pretrained("default", dtype=dtype, device=device)
+        return FlashBackModel.from_pretrained("default", dtype=dtype, device=device, backend="torch")
     if backend == "llamacpp":
         return FlashBackModel.from_gguf(gguf_export(name, gguf_dtype or dtype))
     if backend == "openai":  # llama.cpp's server on the same GGUF, for this process's life
@@ -171,7 +171,7 @@ def load_model(name: str, dtype: str, device: str, backend: str = "torch", gguf_
     # merged weights (the append adapter for "default", as before): every mode runs the same kernels and
     # the block carries its marks; an activated adapter's unmerged LoRA is timed apart (bench_activation)
     adapter = shipped_adapter("append") if name == "default" else None
-    return FlashBackModel.from_pretrained(name, adapter=adapter or "none", dtype=dtype, device=device)
+    return FlashBackModel.from_pretrained(name, adapter=adapter or "none", dtype=dtype, device=device, backend="torch")
 
 
 _SERVERS = contextlib.ExitStack()

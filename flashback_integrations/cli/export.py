@@ -29,9 +29,17 @@ def export(
     ] = "float16",
 ) -> None:
     """Write base + adapter merged, with the marking tokens in the vocabulary: a Hugging Face folder (vLLM,
-    SGLang, transformers) and optionally a GGUF file (llama.cpp)."""
-    from ..loading.export import export_gguf, export_hf
+    SGLang, transformers) and optionally a GGUF file (llama.cpp). An activated adapter (isolated, LoRA on from
+    the passage on) cannot be merged: it is written as OUT/model.gguf (the base with its mark rows) and
+    OUT/adapter.gguf (its LoRA) for the llama.cpp backend."""
+    from ..loading.adapter import AdapterManifest
+    from ..loading.export import export_activated_gguf, export_gguf, export_hf
 
+    manifest = AdapterManifest.load(adapter) if adapter is not None and Path(adapter).is_dir() else None
+    if manifest is not None and manifest.extra.get("activation") == "passage":
+        folder = export_activated_gguf(model, adapter, out, gguf_dtype)
+        console.print(f"wrote {folder}: model.gguf (base + marks) and adapter.gguf (LoRA, on from the passage on)")
+        return
     folder = export_hf(model, adapter, out, dtype)
     console.print(f"wrote {folder} (Hugging Face checkpoint, marks in the vocabulary)")
     if gguf:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -72,7 +73,7 @@ DEMO_QUESTIONS = (
 
 
 @app.command()
-@with_settings(load=(LoadSettings, {"backend": "auto"}))
+@with_settings(load=LoadSettings)
 def demo(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 64,
     stride: Annotated[int, typer.Option(help="Retrieve every N tokens.")] = 16,
@@ -123,12 +124,14 @@ def demo(
     modes = ("append", "prepend", "none")
     if fb.backend.places_positions:
         modes = ("isolated", *modes)
-    for mode in modes:
+    own_adapter = load.adapter is None and load.model == "default"
+    runs = [(mode, fb.backend.name) for mode in modes]
+    if fb.backend.name == "llamacpp" and own_adapter:  # side by side: the same default on the reference backend
+        runs = [("isolated", "llamacpp"), ("isolated", "torch"), ("none", "llamacpp"), ("none", "torch")]
+    for mode, backend in runs:
         seconds, forwarded = 0.0, 0
-        own_adapter = load.adapter is None and load.model == "default"
-        if fb.backend.name == "llamacpp" and own_adapter and mode in ("append", "prepend"):
-            continue  # llama.cpp runs the default's isolated adapter; `flashback export --gguf` for append
-        fb_mode = load_model(load, mode) if own_adapter else fb
+        here = dataclasses.replace(load, backend=backend) if backend != fb.backend.name else load
+        fb_mode = load_model(here, mode) if own_adapter else fb
         if fb_mode.backend.activated and mode in ("append", "prepend"):
             continue  # an activated adapter serves isolated/none only; pass --adapter for the others
         for question, prompt in zip(DEMO_QUESTIONS, prompts, strict=True):
@@ -143,7 +146,8 @@ def demo(
             seconds += result.elapsed_s
             forwarded += result.forward_tokens
         tokens = max_new_tokens * len(prompts)
-        table.add_row(mode, f"{seconds:.2f}", f"{1000 * seconds / tokens:.1f}", str(forwarded))
+        label = mode if len({b for _, b in runs}) == 1 else f"{mode} ({backend})"
+        table.add_row(label, f"{seconds:.2f}", f"{1000 * seconds / tokens:.1f}", str(forwarded))
     console.print(table)
     console.print(
         "[dim]prepend reuses its cache only when the same passage comes back; append keeps the "

@@ -26,6 +26,12 @@ def _llama_cpp() -> Any:
     return llama_cpp
 
 
+AUTO_REASONS = {
+    "llamacpp": "the default model on a CPU with llama-cpp-python installed",
+    "torch": "a GPU, a model without a GGUF, torch-only arguments, or llama-cpp-python not installed",
+}
+
+
 def auto_backend(source: str, adapter: Any, dtype: Any, device: Any, model_kwargs: dict, mode: str | None) -> str:
     """``backend="auto"``: llama.cpp for the default model (or an activated adapter's) on a CPU when
     llama-cpp-python is installed, where the shipped layout and adapter run about 3x faster than on torch;
@@ -34,7 +40,9 @@ def auto_backend(source: str, adapter: Any, dtype: Any, device: Any, model_kwarg
 
     import torch
 
-    if source != "default" or model_kwargs or dtype not in (None, "float32") or device not in (None, "cpu"):
+    fp32 = dtype is None or str(dtype) in ("float32", "torch.float32", "auto")
+    cpu = device is None or str(device) == "cpu"
+    if source != "default" or model_kwargs or not fp32 or not cpu:
         return "torch"
     if mode in ("append", "prepend") or importlib.util.find_spec("llama_cpp") is None:
         return "torch"

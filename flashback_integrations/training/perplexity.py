@@ -176,7 +176,7 @@ def score_row(
 
     device = str(resolve_device(device))
     check_row_adapters([row])
-    fb = FlashBackModel.from_pretrained(model_name, adapter=row.adapter or "none", device=device)
+    fb = FlashBackModel.from_pretrained(model_name, adapter=row.adapter or "none", device=device, backend="torch")
     marks = fb.mark_ids if row.marks else None
     if row.marks and marks is None:
         raise ConfigError(f"row {row.name!r} uses marks but {row.adapter} gives the model none.")
