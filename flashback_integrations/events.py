@@ -41,7 +41,30 @@ class Retrieval:
         """The record as plain data (passages as their ids): what LangChain's custom event, LlamaIndex's
         ``FlashBackRetrievalEvent`` and the generation metadata carry."""
         record = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "passages"}
-        return {**record, "passage_ids": [p.id for p in self.passages]}
+        return {
+            **record,
+            "passage_ids": [p.id for p in self.passages],
+            "passages": [passage_record(p) for p in self.passages],
+        }
+
+
+SOURCE_KEYS = ("source_name", "source", "file_name", "file_path", "url")
+SNIPPET_CHARS = 160
+
+
+def passage_record(passage: Passage) -> dict[str, Any]:
+    """Where a passage came from, for people: its source (the first of the usual metadata keys of Chroma,
+    LangChain and LlamaIndex loaders), its chunk index, its score and the start of its text."""
+    meta = passage.metadata or {}
+    source = next((meta[k] for k in SOURCE_KEYS if meta.get(k)), None)
+    chunk = meta.get("chunk_index", meta.get("part"))
+    return {
+        "id": passage.id,
+        "source": source,
+        "chunk_index": chunk,
+        "score": passage.score,
+        "snippet": passage.text[:SNIPPET_CHARS],
+    }
 
 
 @dataclass

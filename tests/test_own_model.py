@@ -166,3 +166,54 @@ def test_the_cli_prints_no_library_bars_or_warnings_unless_verbose(chat_path, tm
     assert "Loading weights" not in quiet.stderr and "Warning" not in quiet.stderr, quiet.stderr
     loud = subprocess.run([*run, "--verbose", *args], capture_output=True, text=True, env=env, timeout=300)
     assert loud.returncode == 0 and "mode=isolated" in loud.stderr, loud.stderr
+
+
+# ----------------------------------------------------------------------------- informative records
+def test_later_retrieval_queries_hold_no_chat_template_text(chat_path) -> None:
+    from tiny import HashRetriever
+
+    from flashback_integrations import FlashBackConfig
+
+    fb = FlashBackModel.from_pretrained(chat_path, adapter="none")
+    question = "How do I pretty-print JSON?"
+    ids = fb.chat_ids([{"role": "system", "content": "Be brief."}, {"role": "user", "content": question}])
+    cfg = FlashBackConfig(mode="isolated", stride=2, query_tokens=64)
+    result = fb.generate(ids, HashRetriever(), config=cfg, max_new_tokens=6, first_query=question, ignore_eos=True)
+    later = [r.query for r in result.retrievals[1:]]
+    assert later and all(q.startswith(question) for q in later), later
+    assert not any("assistant" in q or "system" in q or "Be brief" in q for q in later), later
+
+
+def test_retrieval_records_name_their_sources(chat_path) -> None:
+    from flashback_integrations import FlashBackConfig, Passage
+
+    fb = FlashBackModel.from_pretrained(chat_path, adapter="none")
+
+    def retriever(query, k):
+        meta = {"source": "/docs/json.txt", "source_name": "json.txt", "chunk_index": 3}
+        return [Passage(text="json.dumps(obj, indent=2) pretty-prints.", id="abc123", score=0.8, metadata=meta)]
+
+    result = fb.generate("x", retriever, config=FlashBackConfig(mode="isolated", stride=4), max_new_tokens=2)
+    (record,) = result.retrievals[0].payload()["passages"]
+    assert record == {"id": "abc123", "source": "json.txt", "chunk_index": 3, "score": 0.8,
+                      "snippet": "json.dumps(obj, indent=2) pretty-prints."}  # fmt: skip
+
+
+def test_ingest_takes_the_model_or_its_name_once(tmp_path, chat_path) -> None:
+    from tiny import make_sentence_transformer
+
+    from flashback_integrations import ConfigError
+    from flashback_integrations.store import Embedder, connect, ingest
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("alpha beta gamma " * 40)
+    embedder = Embedder(make_sentence_transformer(tmp_path / "st"))
+    fb = FlashBackModel.from_pretrained(chat_path, adapter="none")
+    by_model = ingest(connect(tmp_path / "s1"), "docs", [docs], fb, embedder=embedder, progress=False)
+    by_name = ingest(connect(tmp_path / "s2"), "docs", [docs], chat_path, embedder=embedder, progress=False)
+    assert by_model.chunks_total == by_name.chunks_total > 0
+    meta = connect(tmp_path / "s1").get_collection("docs").metadata
+    assert meta["flashback_chunk_tokenizer"] == fb.name
+    with pytest.raises(ConfigError, match="model's name"):
+        ingest(connect(tmp_path / "s3"), "docs", [docs], fb.tokenizer, embedder=embedder, progress=False)

@@ -32,3 +32,18 @@ def test_readme_block_runs(index: int, flashback_home, capsys) -> None:
     # dont_inherit: as pasted, without this test module's `from __future__ import annotations`
     exec(compile(BLOCKS[index], f"README.md block {index}", "exec", dont_inherit=True), {"__name__": f"readme_{index}"})
     assert capsys.readouterr().out.strip()
+
+
+def test_readme_blocks_that_store_chunks_are_idempotent(flashback_home, capsys) -> None:
+    """Running a quickstart twice (a user re-running a notebook cell) leaves its collection as the first run did."""
+    from flashback_integrations.store import connect
+
+    stores = [b for b in BLOCKS if "get_or_create_collection" in b or "ingest(" in b]
+    assert stores
+    for block in stores:
+        counts = []
+        for _ in range(2):
+            exec(compile(block, "README.md block", "exec", dont_inherit=True), {"__name__": "readme_again"})
+            client = connect()
+            counts.append({c.name: c.count() for c in client.list_collections()})
+        assert counts[0] == counts[1] and any(counts[0].values()), counts

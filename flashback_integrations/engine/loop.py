@@ -31,7 +31,17 @@ from ..retrieval.guard import GuardedRetriever
 from .backend import Backend, CacheContext
 from .constrained import Constraint, Grammar
 from .kv import KVContext
-from .layout import MarkIds, Span, build_spans, find_mark_ids, passage_ids, passage_segments, query_ids, wrap_block
+from .layout import (
+    MarkIds,
+    Span,
+    build_spans,
+    encode_text,
+    find_mark_ids,
+    passage_ids,
+    passage_segments,
+    query_ids,
+    wrap_block,
+)
 from .passages import PassageKVCache
 from .sampling import Sampling, choose_token
 from .server import ServerError
@@ -53,6 +63,8 @@ class GenerationSpec:
     callbacks: list[FlashBackCallback] = field(default_factory=list)
     output_logits: bool = False
     first_query: str | None = None
+    first_query_ids: list[int] | None = None
+    """``first_query`` tokenized once: later queries read the question and the answer so far."""
     mode_reason: str | None = None
     passage_cache: PassageKVCache | None = None
     fingerprint: Hashable | None = None
@@ -325,8 +337,9 @@ def _retrieve(
     cfg = spec.config
     if step == 0 and spec.first_query is not None:
         query = spec.first_query
-    else:
-        query = tokenizer.decode(query_ids(prompt, generated, cfg.query_tokens), skip_special_tokens=True).strip()
+    else:  # with first_query (a chat), the question and the answer so far: never the chat template's text
+        source = prompt if spec.first_query is None else _question_ids(tokenizer, spec)
+        query = tokenizer.decode(query_ids(source, generated, cfg.query_tokens), skip_special_tokens=True).strip()
     for cb in spec.callbacks:
         cb.on_retrieval_start(step, query)
     if not query:
@@ -351,6 +364,14 @@ def _retrieve(
         error=error,
     )
     return record, blocks
+
+
+def _question_ids(tokenizer: Any, spec: GenerationSpec) -> list[int]:
+    if spec.first_query_ids is None:
+        spec.first_query_ids = encode_text(tokenizer, spec.first_query or "", add_special_tokens=False) + [
+            *encode_text(tokenizer, "\n", add_special_tokens=False)
+        ]
+    return spec.first_query_ids
 
 
 def _context(

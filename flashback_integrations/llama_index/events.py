@@ -29,6 +29,8 @@ class FlashBackRetrievalEvent(BaseEvent):
     segments_reused: int = 0
     segment_tokens_computed: int = 0
     error: str | None = None
+    passages: list[dict[str, Any]] = []
+    """Each passage's id, source, chunk index, score and the start of its text."""
 
     @classmethod
     def class_name(cls) -> str:

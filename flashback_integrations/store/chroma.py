@@ -203,7 +203,7 @@ def ingest(
     collection_name: str,
     paths: Sequence[str | Path],
     tokenizer: Any,
-    tokenizer_name: str,
+    tokenizer_name: str | None = None,
     embedder: Embedder | None = None,
     chunk_tokens: int = 128,
     overlap: int = 0,
@@ -212,9 +212,13 @@ def ingest(
     progress: bool = True,
     follow_symlinks: bool = False,
 ) -> IngestReport:
-    """Chunk, embed and write ``paths`` into ``collection_name``; safe to re-run and to interrupt."""
+    """Chunk, embed and write ``paths`` into ``collection_name``; safe to re-run and to interrupt.
+
+    ``tokenizer`` sizes the chunks in the reader's tokens: a ``FlashBackModel``, a model name (``"default"``,
+    a hub id, a folder) or a tokenizer (then ``tokenizer_name`` records which, in the collection's settings)."""
     import time
 
+    tokenizer, tokenizer_name = _reader_tokenizer(tokenizer, tokenizer_name)
     started = time.perf_counter()
     check_chunking(chunk_tokens, overlap)  # before the collection exists: its metadata records these
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -278,6 +282,24 @@ def ingest(
     report.chunks_total = collection.count()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _reader_tokenizer(reader: Any, name: str | None) -> tuple[Any, str]:
+    from ..loading.resolve import DEFAULT_MODEL_ID, load_pretrained, resolve_model
+
+    def label(model: str) -> str:
+        return DEFAULT_MODEL_ID if model == "default" else model
+
+    if isinstance(reader, str):
+        return load_pretrained(resolve_model(reader), "tokenizer"), name or label(reader)
+    if hasattr(reader, "tokenizer") and hasattr(reader, "backend"):  # a FlashBackModel
+        return reader.tokenizer, name or label(str(reader.name))
+    if name is None:
+        raise ConfigError(
+            "ingest got a tokenizer without its model's name; pass the FlashBackModel or the model name instead "
+            "(ingest(client, name, paths, model)), or tokenizer_name= for the collection's record."
+        )
+    return reader, name
 
 
 def _ingest_file(client, collection, path, tokenizer, embedder, chunk_tokens, overlap, batch_size, report) -> None:
