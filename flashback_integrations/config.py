@@ -192,5 +192,5 @@ class LoadSettings:
             "revision": self.revision,
             "trust_remote_code": self.trust_remote_code,
             "backend": self.backend,
-            **({} if self.backend == "torch" else self._where()),
+            **{k: v for k, v in self._where().items() if v is not None},
         }

@@ -37,11 +37,8 @@ _SHARED_LOCK = threading.Lock()
 
 
 class FlashBackModel:
-    """Owns the model and tokenizer; every call gets its own cache, so calls never share state.
-
-    Calls from several threads run concurrently (each with its own KV cache) and give the same
-    outputs as sequential calls.
-    """
+    """Owns the model and tokenizer; every call gets its own cache, so calls never share state: calls from
+    several threads run concurrently and give the same outputs as sequential calls."""
 
     def __init__(
         self,
@@ -212,6 +209,7 @@ class FlashBackModel:
         mode: str | None = None,
         revision: str | None = None,
         trust_remote_code: bool = False,
+        backend: str = "auto",
         **model_kwargs: Any,
     ) -> FlashBackModel:
         """One instance per (model, adapter, loading arguments) in this process: framework objects built
@@ -221,15 +219,8 @@ class FlashBackModel:
         model_kwargs = check_model_kwargs(model_kwargs)
         dtype, placed = auto_placement(dtype, device, model_kwargs.get("device_map"))
         chosen = choose_adapter(name_or_path, adapter, FlashBackConfig(mode=mode) if mode else None)
-        key = (
-            name_or_path,
-            str(chosen) if chosen else None,
-            str(dtype),
-            str(placed),
-            revision,
-            bool(trust_remote_code),
-            repr(sorted(model_kwargs.items())),
-        )
+        loading = (str(dtype), str(placed), revision, bool(trust_remote_code), backend)
+        key = (name_or_path, str(chosen) if chosen else None, *loading, repr(sorted(model_kwargs.items())))
         with _SHARED_LOCK:
             if key not in _SHARED:
                 _SHARED[key] = cls.from_pretrained(
@@ -239,6 +230,7 @@ class FlashBackModel:
                     device=placed,
                     revision=revision,
                     trust_remote_code=trust_remote_code,
+                    backend=backend,
                     **model_kwargs,
                 )
             _SHARED.move_to_end(key)
@@ -284,10 +276,8 @@ class FlashBackModel:
         return chat_template_ids(self.tokenizer, messages, tools)
 
     def default_mode(self) -> tuple[str, str]:
-        """The layout a call gets when it names none, and why: the adapter's (or the export's), else the safe
-        one for a model without an adapter: isolated on rotary positions (measured -5..-9% perplexity
-        untrained), prepend otherwise (the passages in the prompt, as a stuff chain puts them). The paper's
-        append layout untrained reads passages poorly and runs only when asked for."""
+        """The layout a call gets when it names none, and why: the adapter's (or the export's), else
+        :func:`safe_mode` (untrained append reads passages poorly: it runs only when asked for)."""
         if self.config.mode is not None:
             source = "its adapter's layout" if self.adapter_manifest is not None else "the model's saved layout"
             return self.config.mode, source

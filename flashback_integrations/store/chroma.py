@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import setting
 from ..errors import ConfigError, DiskFullError, FlashBackError, disk_full, is_disk_full
-from ..loading.resolve import flashback_home
+from ..loading.resolve import flashback_home, reader_tokenizer
 from ..retrieval.adapt import collection_filter, read_collection
 from ..retrieval.base import Passage
 from ..retrieval.chunking import check_chunking, chunk_text
@@ -218,7 +218,7 @@ def ingest(
     a hub id, a folder) or a tokenizer (then ``tokenizer_name`` records which, in the collection's settings)."""
     import time
 
-    tokenizer, tokenizer_name = _reader_tokenizer(tokenizer, tokenizer_name)
+    tokenizer, tokenizer_name = reader_tokenizer(tokenizer, tokenizer_name)
     started = time.perf_counter()
     check_chunking(chunk_tokens, overlap)  # before the collection exists: its metadata records these
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -282,24 +282,6 @@ def ingest(
     report.chunks_total = collection.count()
     report.seconds = time.perf_counter() - started
     return report
-
-
-def _reader_tokenizer(reader: Any, name: str | None) -> tuple[Any, str]:
-    from ..loading.resolve import DEFAULT_MODEL_ID, load_pretrained, resolve_model
-
-    def label(model: str) -> str:
-        return DEFAULT_MODEL_ID if model == "default" else model
-
-    if isinstance(reader, str):
-        return load_pretrained(resolve_model(reader), "tokenizer"), name or label(reader)
-    if hasattr(reader, "tokenizer") and hasattr(reader, "backend"):  # a FlashBackModel
-        return reader.tokenizer, name or label(str(reader.name))
-    if name is None:
-        raise ConfigError(
-            "ingest got a tokenizer without its model's name; pass the FlashBackModel or the model name instead "
-            "(ingest(client, name, paths, model)), or tokenizer_name= for the collection's record."
-        )
-    return reader, name
 
 
 def _ingest_file(client, collection, path, tokenizer, embedder, chunk_tokens, overlap, batch_size, report) -> None:
