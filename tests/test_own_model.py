@@ -217,3 +217,14 @@ def test_ingest_takes_the_model_or_its_name_once(tmp_path, chat_path) -> None:
     assert meta["flashback_chunk_tokenizer"] == fb.name
     with pytest.raises(ConfigError, match="model's name"):
         ingest(connect(tmp_path / "s3"), "docs", [docs], fb.tokenizer, embedder=embedder, progress=False)
+
+
+def test_generate_chat_answers_the_prompt_as_a_question(chat_path) -> None:
+    from typer.testing import CliRunner
+
+    from flashback_integrations.cli import app
+
+    args = ["generate", "What does json.dumps do?", "--chat", "--model", chat_path, "--max-new-tokens", "4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "query='What does json.dumps do?'" in result.output  # the question, not template text, is the query

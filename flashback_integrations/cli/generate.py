@@ -27,13 +27,20 @@ def generate(
     collection: Annotated[str | None, typer.Option(help="Retrieve from this Chroma collection instead.")] = None,
     max_new_tokens: MaxNewTokens = 64,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat", help="Answer PROMPT as a question (the model's chat template) instead of continuing it."
+        ),
+    ] = False,
     *,
     load: LoadSettings,
     config: FlashBackConfig,
     sampling: Sampling,
     store: StoreLocation,
 ) -> None:
-    """Continue PROMPT, retrieving every --stride tokens from --collection (Chroma) or --corpus (BM25)."""
+    """Continue PROMPT (or answer it, --chat), retrieving every --stride tokens from --collection (Chroma) or
+    --corpus (BM25)."""
     from ..loading.shipped import default_mode_for
     from ..retrieval import BM25Retriever
     from ..store import ChromaRetriever
@@ -45,8 +52,12 @@ def generate(
     elif config.retrieves:
         retriever = BM25Retriever.from_files(corpus or [sample_corpus_dir()], chunk_words=80)
     fb = load_model(load, config.mode)
-    events = fb.stream(prompt, retriever, config=config, max_new_tokens=max_new_tokens, stop=stop, **vars(sampling))
-    console.print(f"[bold]{escape(prompt)}[/]", end="")
+    question = {"prompt": fb.chat_ids([{"role": "user", "content": prompt}]), "first_query": prompt} if chat else {}
+    events = fb.stream(
+        question.pop("prompt", prompt), retriever, config=config, max_new_tokens=max_new_tokens, stop=stop,
+        **question, **vars(sampling),
+    )  # fmt: skip
+    console.print(f"[bold]{escape(prompt)}[/]", end="\n" if chat else "")
     pending: list[Retrieval] = []
     for event in events:
         if isinstance(event, RetrievalEvent):
