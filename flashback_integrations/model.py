@@ -25,11 +25,22 @@ from .errors import ConfigError, ContextWindowError, MarksUnavailableError
 from .events import Event, FlashBackCallback, GenerationResult, check_call_arguments, final_result
 from .loading.adapter import AdapterManifest, load_adapter
 from .loading.devices import auto_placement, check_model_kwargs, check_trust_remote_code
-from .loading.resolve import load_pretrained, resolve_model
+from .loading.resolve import exported_config, load_pretrained, resolve_model
 from .loading.shipped import choose_adapter, safe_mode, untrained_append_warning
 from .retrieval import RetrieverLike, as_retrieve_fn
 
 logger = logging.getLogger("flashback_integrations")
+
+
+def with_saved(config: FlashBackConfig | None, saved: FlashBackConfig | None) -> FlashBackConfig | None:
+    """A call's settings over what an adapter or export recorded: its layout and tail unless chosen."""
+    if config is None or saved is None:
+        return config or saved
+    if config.mode is None:
+        config = config.replace(mode=saved.mode)
+    return config if config.tail_tokens is not None else config.replace(tail_tokens=saved.tail_tokens)
+
+
 MAX_SHARED_MODELS = 4
 """Models ``FlashBackModel.shared`` keeps loaded (least recently used out first); a caller holding one keeps it."""
 _SHARED: OrderedDict[tuple[Any, ...], FlashBackModel] = OrderedDict()
@@ -102,6 +113,8 @@ class FlashBackModel:
             from .loading.backends import AUTO_REASONS, auto_backend
 
             mode = config.mode if config is not None else None
+            if name_or_path == "default" and adapter is None:  # the shipped adapter the config asks for, or none
+                adapter = choose_adapter(name_or_path, None, config) or "none"
             backend = auto_backend(name_or_path, adapter, dtype, device, model_kwargs, mode)
             logger.info("%s: backend=%s (auto: %s)", name_or_path, backend, AUTO_REASONS[backend])
         if backend != "torch":
@@ -133,19 +146,12 @@ class FlashBackModel:
             model, tokenizer, manifest = load_adapter(
                 model, tokenizer, adapter, merge=merge_adapter, check_base=check_adapter_base
             )
-        if manifest is not None and manifest.flashback_config:
-            saved = FlashBackConfig.from_dict(manifest.flashback_config)
-            if config is None:
-                config = saved
-            else:  # the adapter's layout and tail unless the caller chose them
-                if config.mode is None:
-                    config = config.replace(mode=saved.mode)
-                if config.tail_tokens is None:
-                    config = config.replace(tail_tokens=saved.tail_tokens)
+        # the adapter's settings, or those a `flashback export` folder records (its adapter merged)
+        saved = manifest.flashback_config if manifest is not None else exported_config(source)
         return cls(
             model,
             tokenizer,
-            config=config,
+            config=with_saved(config, FlashBackConfig.from_dict(saved) if saved else None),
             name=name_or_path,
             adapter_manifest=manifest,
             passage_cache_bytes=passage_cache_bytes,
@@ -189,15 +195,7 @@ class FlashBackModel:
 
     @classmethod
     def _with_saved(cls, loaded: dict[str, Any], config: FlashBackConfig | None) -> FlashBackModel:
-        saved = loaded.pop("config")
-        if config is None:
-            config = saved
-        elif saved is not None:  # the export's layout and tail unless the caller chose them
-            if config.mode is None:
-                config = config.replace(mode=saved.mode)
-            if config.tail_tokens is None:
-                config = config.replace(tail_tokens=saved.tail_tokens)
-        return cls(None, config=config, **loaded)
+        return cls(None, config=with_saved(config, loaded.pop("config")), **loaded)
 
     @classmethod
     def shared(

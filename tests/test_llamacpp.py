@@ -98,7 +98,7 @@ def test_framework_classes_and_cli_take_the_backend(both, exported) -> None:
     settings = {"model": str(exported), "retriever": HashRetriever(), "max_tokens": 10, "stride": 4, "query_tokens": 8}
     settings.update(num_passages=1, max_doc_tokens=12)
     on_cpp = FlashBackLLM(**settings, backend="llamacpp")
-    assert on_cpp.flashback().backend.name == "llamacpp" and on_cpp.flashback_config().mode == "append"
+    assert on_cpp.flashback().backend.name == "llamacpp" and on_cpp.flashback().config.mode == "append"  # the export's
     assert on_cpp.invoke("The json module dumps") == FlashBackLLM(**settings).invoke("The json module dumps")
     result = CliRunner().invoke(
         app, ["generate", "The json module", "--model", str(exported), "--backend", "llamacpp", "--max-new-tokens", "6"]

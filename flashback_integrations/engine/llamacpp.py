@@ -50,8 +50,11 @@ KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
 
 def _lib() -> Any:
     import llama_cpp
+    import llama_cpp._logger  # noqa: F401 - installs llama-cpp-python's log callback, which reads this logger's level
 
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load chatter off
+    # llama.cpp's own log off (its callback prints what is at or above this level; ggml's level numbers have
+    # shifted between versions, so no level of theirs passes): our errors say what went wrong
+    logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL + 1)
     return llama_cpp
 
 

@@ -19,10 +19,9 @@ from ..engine.activation import ACTIVATION_PASSAGE
 from ..engine.layout import MARK_L, MARK_R, find_mark_ids
 from ..errors import ConfigError, disk_full, is_disk_full
 from .adapter import AdapterManifest, check_adapter_dir, load_adapter
-from .resolve import load_pretrained, resolve_model
+from .resolve import EXPORT_MANIFEST, load_pretrained, resolve_model
 from .shipped import shipped_adapter
 
-EXPORT_MANIFEST = "flashback_export.json"
 GGUF_ARCHS = ("llama",)
 """Architectures whose GGUF tensors and metadata this writer knows (SmolLM2 is one)."""
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4

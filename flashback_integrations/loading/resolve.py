@@ -194,6 +194,20 @@ def load_pretrained(source: str, kind: str = "model", trust_remote_code: bool = 
         ) from exc
 
 
+EXPORT_MANIFEST = "flashback_export.json"
+"""What `flashback export` records beside the weights: base, adapter, FlashBack settings, marks."""
+
+
+def exported_config(source: str) -> dict[str, Any] | None:
+    """The FlashBack settings a `flashback export` folder records, if any."""
+    record = Path(source) / EXPORT_MANIFEST
+    try:
+        data = json.loads(record.read_text()) if record.is_file() else {}
+    except (OSError, ValueError):
+        return None
+    return data.get("flashback_config") or None if isinstance(data, dict) else None
+
+
 def reader_tokenizer(reader: Any, name: str | None) -> tuple[Any, str]:
     """The tokenizer that sizes chunks in a reader's tokens, and the name a collection records: from a
     ``FlashBackModel``, a model name, or a tokenizer with its ``name``."""
