@@ -123,6 +123,8 @@ class GenerationResult:
     """The layout this call ran (``config.mode`` as resolved)."""
     mode_reason: str | None = None
     """Why that layout, when the call did not name one (the adapter's; or, without one, the safe default)."""
+    backend: str | None = None
+    """What ran the model: torch, llamacpp or openai (``backend="auto"`` resolved)."""
 
     @property
     def completion_tokens(self) -> int:

@@ -117,7 +117,7 @@ def test_the_shipped_default_on_llamacpp_answers_as_on_torch(home) -> None:
     ids = reference.chat_ids([{"role": "user", "content": "How do I pretty-print JSON in Python?"}])
     want = reference.generate(ids, retriever, max_new_tokens=24)
     got = cpp.generate(ids, retriever, max_new_tokens=24)
-    assert got.token_ids == want.token_ids
+    assert got.token_ids == want.token_ids and (got.backend, want.backend) == ("llamacpp", "torch")
     assert [r.block_tokens for r in got.retrievals] == [r.block_tokens for r in want.retrievals]
     again = FlashBackModel.from_pretrained("default", backend="llamacpp")  # the export is reused, not redone
     assert again.backend.model_path == cpp.backend.model_path

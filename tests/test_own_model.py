@@ -150,7 +150,7 @@ def test_framework_classes_report_the_resolved_mode(chat_path) -> None:
 
     llm = FlashBackLLM(model=chat_path, adapter="none", retriever=HashRetriever(), max_tokens=4)
     info = llm.generate(["The json module"]).generations[0][0].generation_info
-    assert info["mode"] == "isolated" and "rotary" in info["mode_reason"]
+    assert info["mode"] == "isolated" and "rotary" in info["mode_reason"] and info["backend"] == "torch"
 
 
 # ----------------------------------------------------------------------------- quiet by default

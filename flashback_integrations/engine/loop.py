@@ -155,6 +155,7 @@ def run(backend: Backend, tokenizer: Any, spec: GenerationSpec) -> Iterator[Even
             elapsed_s=time.perf_counter() - started,
             logprobs=logprobs,
             mode=spec.config.mode,
+            backend=backend.name,
             mode_reason=spec.mode_reason,
         )
     )
@@ -244,6 +245,7 @@ def _run_strides(backend: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator
             forward_tokens=fed_total,
             elapsed_s=time.perf_counter() - started,
             mode=spec.config.mode,
+            backend=backend.name,
             mode_reason=spec.mode_reason,
         )
     )
@@ -320,6 +322,7 @@ def run_rows(model: Any, tokenizer: Any, specs: Sequence[GenerationSpec]) -> lis
             forward_tokens=fed_total,
             elapsed_s=elapsed,
             mode=specs[i].config.mode,
+            backend="torch",
             mode_reason=specs[i].mode_reason,
         )
         for i, tokens in enumerate(generated)

@@ -130,6 +130,7 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
             "retrievals": [r.payload() for r in result.retrievals],
             "mode": result.mode,
             "mode_reason": result.mode_reason,
+            "backend": result.backend,
         }
         if result.logprobs is not None:
             metadata["logprobs"] = logprobs_payload(fb.tokenizer, result.logprobs)

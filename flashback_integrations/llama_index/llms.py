@@ -178,6 +178,7 @@ class FlashBackLLM(FlashBackSettings, FunctionCallingLLM):
             "retrievals": result.retrievals,
             "mode": result.mode,
             "mode_reason": result.mode_reason,
+            "backend": result.backend,
         }
 
     def _chat_prompt(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> tuple[Any, str | None]:
