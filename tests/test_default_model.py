@@ -112,7 +112,7 @@ def test_the_shipped_default_on_llamacpp_answers_as_on_torch(home) -> None:
     assert auto_backend("default", None, None, None, {}, None) == "llamacpp"
     assert auto_backend("default", None, None, None, {}, "append") == "torch"  # the merged append adapter: torch
     assert auto_backend("/some/folder", None, None, None, {}, None) == "torch"
-    reference = FlashBackModel.from_pretrained("default")
+    reference = FlashBackModel.from_pretrained("default", backend="torch")
     retriever = BM25Retriever(["json.dumps(obj, indent=4) pretty-prints JSON; sort_keys=True orders the keys."])
     ids = reference.chat_ids([{"role": "user", "content": "How do I pretty-print JSON in Python?"}])
     want = reference.generate(ids, retriever, max_new_tokens=24)
