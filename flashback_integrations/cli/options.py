@@ -37,6 +37,18 @@ def _is_bool(tp: Any) -> bool:
     return tp is bool or set(get_args(tp)) == {bool, type(None)}
 
 
+PANELS = {
+    "LoadSettings": "Model",
+    "FlashBackConfig": "Retrieval during generation",
+    "Sampling": "Sampling",
+    "StoreLocation": "Chroma store",
+    "TrainConfig": "Training",
+    "ExampleSettings": "Examples",
+    "ExampleSource": "Example source",
+}
+"""The help panel of each settings class's options: at 80 columns, each panel sizes its own columns."""
+
+
 def settings_options(cls: type, skip: tuple[str, ...] = (), **defaults: Any) -> list[tuple[inspect.Parameter, bool]]:
     """One typer option per field of the dataclass ``cls`` (less ``skip``), with per-command ``defaults``."""
     hints = get_type_hints(cls)
@@ -53,7 +65,7 @@ def settings_options(cls: type, skip: tuple[str, ...] = (), **defaults: Any) -> 
             default = None  # a factory default (a dict): unset on the command line
         flag = "--" + f.name.replace("_", "-")
         decl = f"{flag}/--no-{flag[2:]}" if _is_bool(tp) else flag
-        option = typer.Option(decl, help=help_of(f))
+        option = typer.Option(decl, help=help_of(f), rich_help_panel=PANELS.get(cls.__name__, cls.__name__))
         param = inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default)
         params.append((param.replace(annotation=Annotated[tp, option]), is_json))
     return params
