@@ -240,17 +240,7 @@ def export_gguf(
             writer.add_tensor(target, array)
         else:
             writer.add_tensor(target, array.astype(np.float16))
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(out_file)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)  # never a half-written GGUF left behind
-        if is_disk_full(exc):
-            raise disk_full(out_file.parent, f"writing {out_file.name}") from exc
-        raise
+    _finish_gguf(writer, tmp, out_file)
     return out_file
 
 
@@ -348,12 +338,19 @@ def _write_lora_gguf(loras: dict[str, tuple[Any, Any]], config: Any, out_file: P
             weight_b = _permute(weight_b, config.num_key_value_heads)
         writer.add_tensor(f"{target}.lora_a", weight_a.numpy().astype(np.float32))
         writer.add_tensor(f"{target}.lora_b", weight_b.numpy().astype(np.float32))
+    _finish_gguf(writer, tmp, out_file)
+
+
+def _finish_gguf(writer: Any, tmp: Path, out_file: Path) -> None:
+    """Write the file beside its place and rename it in: never a half-written GGUF, a full disk said as such."""
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
         tmp.replace(out_file)
-    except OSError:
+    except OSError as exc:
         tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full(out_file.parent, f"writing {out_file.name}") from exc
         raise
