@@ -11,11 +11,20 @@ import json
 import re
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .engine.layout import check_utf8, encode_text
 from .errors import ConfigError
-from .tools import check_tools, fallback_messages, template_supports_tools
+from .tools import (
+    Grammar,
+    call_grammar,
+    check_tools,
+    chosen_tools,
+    fallback_messages,
+    schema_hint,
+    template_supports_tools,
+)
 
 
 def control_tokens(tokenizer: Any) -> list[str]:
@@ -76,3 +85,54 @@ def chat_template_ids(
         elif piece:
             ids += encode_text(tokenizer, piece, add_special_tokens=False)
     return ids
+
+
+def merge_turns(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Adjacent plain messages of one role merged into one turn (templates expect alternating turns); an
+    assistant message with tool calls and each tool result stay their own message."""
+    out: list[dict[str, Any]] = []
+    for entry in messages:
+        plain = set(entry) == {"role", "content"} and entry["role"] != "tool"
+        if plain and out and out[-1]["role"] == entry["role"] and set(out[-1]) == {"role", "content"}:
+            out[-1] = {**out[-1], "content": out[-1]["content"] + "\n\n" + entry["content"]}
+        else:
+            out.append(dict(entry))
+    return out
+
+
+@dataclass
+class ChatCall:
+    """One chat call made ready for the engine: what every chat front end (LangChain, the server) sends."""
+
+    prompt_ids: list[int]
+    grammar: Grammar | None
+    tools: list[dict[str, Any]] | None
+    """The tools whose calls are parsed from the output (None: the answer is text)."""
+    first_query: str | None
+    """The last user message: the first retrieval's query (never the template's text)."""
+
+
+def prepare_chat(
+    fb: Any,
+    messages: Sequence[dict[str, Any]],
+    *,
+    tools: Sequence[dict[str, Any]] | None = None,
+    tool_choice: Any = None,
+    parallel_tool_calls: bool = False,
+    response_grammar: Grammar | None = None,
+    hint: bool = True,
+) -> ChatCall:
+    """Prompt ids, grammar and parsed tools of a chat call. A required call (``tool_choice`` "required", "any"
+    or a name) is written under a grammar; ``"none"`` hides the tools; a JSON-schema answer gets the schema
+    stated after the last user turn (``hint``), since a small model told nothing fills the shape poorly."""
+    bound = check_tools(tools) if tools is not None else None
+    if bound is not None and tool_choice == "none":
+        bound = None  # answer in text: the tools are not shown and nothing is parsed
+    grammar = response_grammar
+    if bound and (forced := chosen_tools(bound, tool_choice)):
+        grammar = call_grammar(forced, parallel=parallel_tool_calls)
+    chat = list(messages)
+    users = [m["content"] for m in chat if isinstance(m, dict) and m.get("role") == "user"]
+    if grammar is not None and grammar is response_grammar and grammar.kind == "json_schema" and not bound and hint:
+        chat = schema_hint(chat, json.loads(grammar.source))
+    return ChatCall(fb.chat_ids(chat, tools=bound), grammar, bound, users[-1] if users else None)

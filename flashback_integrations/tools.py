@@ -126,6 +126,31 @@ def call_grammar(tools: Sequence[dict[str, Any]], parallel: bool = False) -> Gra
     return Grammar.lark(lark)
 
 
+def response_format_grammar(response_format: dict[str, Any]) -> Grammar | None:
+    """OpenAI's ``response_format``: ``{"type": "text"}`` (no grammar), ``{"type": "json_object"}``, or
+    ``{"type": "json_schema", "json_schema": {"schema": {...}}}`` (checked by the grammar library here)."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Grammar.json_object()
+    if kind == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ConfigError("response_format json_schema needs {'json_schema': {'schema': {...}}}.")
+        grammar = Grammar.json_schema(closed(schema) if spec.get("strict") else schema)  # strict: no extra keys
+        try:
+            grammar.compiled()
+        except ValueError as exc:
+            raise ConfigError(f"the grammar library rejects response_format's schema: {exc}") from exc
+        return grammar
+    raise ConfigError(
+        f"response_format must be {{'type': 'text'}}, {{'type': 'json_object'}} or {{'type': 'json_schema', "
+        f"'json_schema': {{'schema': ...}}}}, got {response_format!r:.120}."
+    )
+
+
 def template_supports_tools(tokenizer: Any) -> bool:
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):

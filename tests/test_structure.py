@@ -110,7 +110,18 @@ def _package_imports(prefix: str) -> set[str]:
 
 def test_framework_adapters_touch_only_the_public_modules() -> None:
     """langchain/ and llama_index/ adapt; they never reach into the engine, loading or training."""
-    public = ("config", "errors", "events", "settings", "tools", "retrieval", "store", "langchain", "llama_index")
+    public = (
+        "config",
+        "errors",
+        "events",
+        "settings",
+        "chat",
+        "tools",
+        "retrieval",
+        "store",
+        "langchain",
+        "llama_index",
+    )
     allowed = {f"flashback_integrations.{name}" for name in public}
     for framework in ("langchain", "llama_index"):
         touched = _package_imports(f"flashback_integrations.{framework}")

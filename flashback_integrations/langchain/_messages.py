@@ -12,8 +12,9 @@ from langchain_core.messages import BaseMessage
 from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
 from langchain_core.utils.function_calling import convert_to_json_schema
 
+from ..chat import merge_turns
 from ..errors import ConfigError
-from ..tools import Grammar, InvalidToolCall, ParsedOutput, ToolCall, closed
+from ..tools import Grammar, InvalidToolCall, ParsedOutput, ToolCall, closed, response_format_grammar
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "tool"}
 
@@ -37,8 +38,7 @@ def _text(message: BaseMessage) -> str:
 
 
 def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
-    """LangChain messages -> chat-template dicts. Adjacent plain messages of one role are merged;
-    an AI message's tool calls and each tool result stay their own message, as templates expect."""
+    """LangChain messages -> chat-template dicts, turns merged as :func:`~..chat.merge_turns` does."""
     out: list[dict[str, Any]] = []
     for message in messages:
         role = _ROLES.get(message.type, message.type)
@@ -53,12 +53,8 @@ def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
             entry["tool_call_id"] = getattr(message, "tool_call_id", None)
             if getattr(message, "name", None):
                 entry["name"] = message.name
-        plain = len(entry) == 2 and role != "tool"
-        if plain and out and out[-1]["role"] == role and len(out[-1]) == 2:
-            out[-1]["content"] += "\n\n" + entry["content"]
-        else:
-            out.append(entry)
-    return out
+        out.append(entry)
+    return merge_turns(out)
 
 
 def lc_tool_calls(parsed: ParsedOutput) -> dict[str, list[Any]]:
@@ -81,14 +77,10 @@ def lc_tool_call_chunk(call: ToolCall | InvalidToolCall, index: int) -> Any:
 def response_grammar(response_format: Any) -> Grammar:
     """OpenAI's ``response_format`` (``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema":
     {"schema": ...}}``), or a pydantic class / TypedDict / JSON schema dict -> a grammar."""
-    if isinstance(response_format, dict) and response_format.get("type") == "json_object":
-        return Grammar.json_object()
-    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
-        spec = response_format.get("json_schema") or {}
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise ConfigError("response_format json_schema needs {'json_schema': {'schema': {...}}}.")
-        return Grammar.json_schema(schema)
+    if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
+        grammar = response_format_grammar(response_format)
+        assert grammar is not None
+        return grammar
     try:
         return Grammar.json_schema(json_schema_of(response_format))
     except (TypeError, ValueError) as exc:

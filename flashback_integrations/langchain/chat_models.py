@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from operator import itemgetter
@@ -25,9 +24,10 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from langchain_core.utils.utils import LC_ID_PREFIX
 from pydantic import BaseModel
 
+from ..chat import prepare_chat
 from ..errors import ConfigError
 from ..events import FinishEvent, GenerationResult, TokenEvent, final_result, logprobs_payload
-from ..tools import CallStream, ToolCall, call_grammar, check_tools, chosen_tools, parse_tool_calls, schema_hint
+from ..tools import CallStream, ToolCall, check_tools, chosen_tools, parse_tool_calls
 from ._common import EventBridge, FlashBackSettings, RunRetriever
 from ._messages import (
     json_schema_of,
@@ -88,31 +88,28 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
         parallel = kwargs.pop("parallel_tool_calls", None)
         response_format = kwargs.pop("response_format", None)
         kwargs.pop("ls_structured_output_format", None)  # tracing metadata only (our own stream())
-        if tools is not None:
-            tools = check_tools(tools)
-            if tool_choice is None:
-                tool_choice = self._default_choice(messages)
-            if tool_choice == "none":
-                tools = None  # answer in text: the tools are not shown and nothing is parsed
-        grammar = None
-        if tools and (forced := chosen_tools(tools, tool_choice)):
-            grammar = call_grammar(forced, parallel=bool(parallel))
-        elif response_format is not None:
-            grammar = response_grammar(response_format)
-        chat = to_chat_messages(messages)
-        users = [m["content"] for m in chat if m["role"] == "user"]
+        if tools is not None and tool_choice is None:
+            tool_choice = self._default_choice(messages)
         hint = (
             (response_format or {}).get("json_schema", {}).get("hint", True)
             if isinstance(response_format, dict)
             else True
         )
-        if grammar is not None and grammar.kind == "json_schema" and not tools and hint:
-            chat = schema_hint(chat, json.loads(grammar.source))
-        prompt_ids = fb.chat_ids(chat, tools=tools)
+        call = prepare_chat(
+            fb,
+            to_chat_messages(messages),
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=bool(parallel),
+            response_grammar=response_grammar(response_format) if response_format is not None else None,
+            hint=hint,
+        )
         retriever = RunRetriever(self.retriever, run_manager) if self.retriever is not None else None
-        options = self.generation_kwargs(stop, first_query=users[-1] if users else None, **kwargs)
-        events = fb.stream(prompt_ids, retriever, callbacks=[EventBridge(run_manager)], grammar=grammar, **options)
-        return events, name, fb, tools or None
+        options = self.generation_kwargs(stop, first_query=call.first_query, **kwargs)
+        events = fb.stream(
+            call.prompt_ids, retriever, callbacks=[EventBridge(run_manager)], grammar=call.grammar, **options
+        )
+        return events, name, fb, call.tools or None
 
     def _default_choice(self, messages: list[BaseMessage]) -> str:
         """``default_tool_choice`` for a call that names none; ``"first"``: a call is required until

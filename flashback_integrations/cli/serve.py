@@ -1,0 +1,116 @@
+"""``flashback serve``: the OpenAI-compatible server over one model and a Chroma store."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import threading
+from typing import Annotated, Any
+
+import typer
+
+from ..config import FlashBackConfig, LoadSettings
+from ..engine.sampling import Sampling
+from ..errors import ConfigError
+from ..store.chroma import StoreLocation
+from .app import app, console, load_model
+from .options import with_settings
+
+DEFAULT_RETRIEVAL_TIMEOUT = 30.0
+"""A served retrieval that takes longer counts as failed (``--on-retrieval-error`` decides what follows), so a
+hung store never holds a worker for good; ``--retrieval-timeout`` changes it."""
+
+
+class Collections:
+    """Chroma collections opened on first use and kept; a name the store lacks is None (a 404)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._open: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, name: str) -> Any:
+        from ..store import ChromaRetriever
+        from ..store.chroma import collection_names
+
+        with self._lock:
+            if name not in self._open:
+                if name not in collection_names(self.client):
+                    return None
+                self._open[name] = ChromaRetriever(name, client=self.client)
+            return self._open[name]
+
+
+def check_binding(host: str, api_key: str | None) -> None:
+    """Loopback needs no key; any other address does (the server runs a model and reads a store)."""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and not api_key:
+        raise ConfigError(
+            f"--host {host} makes the server reachable from other machines; give --api-key KEY (or set "
+            "FLASHBACK_API_KEY) so only clients with the key are served, or bind 127.0.0.1."
+        )
+
+
+@app.command()
+@with_settings(load=LoadSettings, config=FlashBackConfig, sampling=Sampling, store=StoreLocation)
+def serve(
+    collection: Annotated[
+        str | None, typer.Option(help="Default collection (a request may name another in its flashback field).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; not loopback needs --api-key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="FLASHBACK_API_KEY", help="Require 'Authorization: Bearer KEY'.")
+    ] = None,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="The id clients pass as model (default: --model).")
+    ] = None,
+    parallel: Annotated[int, typer.Option(help="Generations at once (worker threads).")] = 1,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a worker; more get 429.")] = 32,
+    max_tokens: Annotated[int, typer.Option(help="max_tokens when a request gives none.")] = 256,
+    *,
+    load: LoadSettings,
+    config: FlashBackConfig,
+    sampling: Sampling,
+    store: StoreLocation,
+) -> None:
+    """Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics (OpenAI's API), retrieving
+    every --stride tokens from --collection while answering."""
+    try:
+        import uvicorn
+
+        from ..serve import ServeSettings, create_app
+    except ImportError as exc:
+        raise ConfigError(
+            f"flashback serve needs the serve extra ({exc.name} is missing): "
+            "pip install 'flashback-integrations[serve]'."
+        ) from exc
+    check_binding(host, api_key)
+    if parallel < 1 or max_queue < 0 or max_tokens < 1:
+        raise ConfigError("--parallel and --max-tokens must be >= 1 and --max-queue >= 0.")
+    if config.retrieval_timeout is None:
+        config = config.replace(retrieval_timeout=DEFAULT_RETRIEVAL_TIMEOUT)
+    client = store.connect()
+    collections = Collections(client)
+    if collection is not None and collections(collection) is None:
+        from ..store.chroma import get_collection
+
+        get_collection(client, collection)  # raises with the names there are
+    fb = load_model(load, config.mode)
+    settings = ServeSettings(
+        model_name=served_model_name or load.model, api_key=api_key, parallel=parallel, max_queue=max_queue,
+        max_tokens=max_tokens,
+    )  # fmt: skip
+    application = create_app(
+        fb, settings, config=config, sampling=sampling, retrievers=collections, default_collection=collection
+    )
+    mode = fb.resolve_config(config).mode
+    console.print(
+        f"[bold]FlashBack[/] serving {settings.model_name!r} (mode {mode}, {fb.backend.name} backend) at "
+        f"http://{host}:{port}/v1" + (f", collection {collection!r}" if collection else ", no default collection")
+    )
+    log_level = "info" if os.environ.get("FLASHBACK_SERVE_ACCESS_LOG") else "warning"
+    uvicorn.run(application, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
