@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import threading
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -13,8 +14,8 @@ from ..config import FlashBackConfig, LoadSettings
 from ..engine.sampling import Sampling
 from ..errors import ConfigError
 from ..store.chroma import StoreLocation
-from .app import app, console, load_model
-from .options import with_settings
+from .app import app, bench_app, console, fail, load_model, tokenizer_label
+from .options import Out, Stem, with_settings
 
 DEFAULT_RETRIEVAL_TIMEOUT = 30.0
 """A served retrieval that takes longer counts as failed (``--on-retrieval-error`` decides what follows), so a
@@ -114,3 +115,83 @@ def serve(
     )
     log_level = "info" if os.environ.get("FLASHBACK_SERVE_ACCESS_LOG") else "warning"
     uvicorn.run(application, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+
+
+@bench_app.command("serve")
+def bench_serve(
+    levels: Annotated[str, typer.Option(help="Comma-separated numbers of concurrent clients.")] = "1,4,16",
+    requests: Annotated[int, typer.Option(help="Requests per level.")] = 16,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per answer (EOS ignored).")] = 32,
+    stride: Annotated[int, typer.Option(help="Retrieve every N tokens.")] = 16,
+    parallel: Annotated[int, typer.Option(help="flashback serve's workers.")] = 1,
+    llama_server: Annotated[
+        bool, typer.Option("--llama-server/--no-llama-server", help="Also llama-server on the same GGUF.")
+    ] = True,
+    slots: Annotated[int, typer.Option(help="llama-server's slots (-np).")] = 4,
+    out: Out = Path("benchmarks/results"),
+    stem: Stem = "serve_cpu",
+) -> None:
+    """Load on flashback serve (the default model, isolated, the sample collection) and llama-server (JSON + PNG)."""
+    import contextlib
+    import json
+
+    from ..bench.serve import chat_body, plot, run_rows, stuffed_body
+    from ..bench.servers import llama_server as start_llama_server
+    from ..data import sample_corpus_dir
+    from ..serve import ServeSettings, create_app, serve_in_thread
+    from ..store import ChromaRetriever, Embedder, connect, ingest
+    from .generate import SAMPLE_COLLECTION
+
+    try:
+        counts = [int(x) for x in levels.split(",")]
+        if min(counts) < 1 or requests < 1 or max_tokens < 2:
+            raise ValueError
+    except ValueError as exc:
+        raise fail(
+            ValueError("--levels takes positive integers (1,4,16); --requests >= 1, --max-tokens >= 2.")
+        ) from exc
+    load = LoadSettings()
+    fb = load_model(load)
+    client = connect(None)
+    ingest(client, SAMPLE_COLLECTION, [sample_corpus_dir()], fb.tokenizer, tokenizer_label(load.model), Embedder(),
+           chunk_tokens=64, progress=False)  # fmt: skip
+    retriever = ChromaRetriever(SAMPLE_COLLECTION, client=client)
+    config = FlashBackConfig(stride=stride, query_tokens=32, num_passages=1, max_doc_tokens=128, retrieval_timeout=30)
+    settings = ServeSettings(model_name="default", parallel=parallel, max_queue=max(counts) + 4)
+    app = create_app(fb, settings, config=config, retrievers={SAMPLE_COLLECTION: retriever},
+                     default_collection=SAMPLE_COLLECTION)  # fmt: skip
+    mode = fb.resolve_config(config).mode
+    gguf = getattr(fb.backend, "model_path", None)
+
+    def report(label: str, r: dict[str, Any]) -> None:
+        hit = r["passage_cache_hit_rate"]
+        console.print(
+            f"{label:<28} c={r['concurrency']:>2}: {r['requests_per_s']:.2f} req/s, {r['tokens_per_s']:.1f} tok/s, "
+            f"TTFT p50 {r['ttft_p50_s']:.3f} s p95 {r['ttft_p95_s']:.3f} s, TPOT p50 {r['tpot_p50_s'] * 1000:.1f} ms"
+            + (f", passage cache hits {hit:.0%}" if hit is not None else "")
+        )
+
+    with contextlib.ExitStack() as stack:
+        ours = stack.enter_context(serve_in_thread(app))
+        rows = [
+            (f"flashback {mode} ({fb.backend.name})", ours, chat_body("default", max_tokens)),
+            (f"flashback none ({fb.backend.name})", ours, chat_body("default", max_tokens, flashback={"mode": "none"})),
+        ]
+        if llama_server and gguf is not None:
+            theirs = stack.enter_context(start_llama_server(gguf, slots=slots, n_ctx=2048 * slots))
+            rows += [
+                ("llama-server plain", theirs, chat_body("flashback", max_tokens)),
+                ("llama-server stuffed top-1", theirs, stuffed_body("flashback", max_tokens, retriever)),
+            ]
+        results = run_rows(rows, counts, requests, report)
+    options = {"levels": levels, "requests": requests, "max_tokens": max_tokens, "stride": stride,
+               "parallel": parallel, "slots": slots, "stem": stem}  # fmt: skip
+    summary = {
+        "command": "flashback bench serve " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items()),
+        "model": fb.name, "mode": mode, "backend": fb.backend.name, "gguf": str(gguf) if gguf else None,
+        "results": results,
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+    plot(results, out / f"{stem}.png", f"{fb.name}: {max_tokens}-token answers, stride {stride}")
+    console.print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")

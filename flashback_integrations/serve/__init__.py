@@ -2,5 +2,6 @@
 extra: FastAPI, uvicorn, prometheus-client)."""
 
 from .app import APIError, FlashBackServer, ServeSettings, create_app
+from .thread import serve_in_thread
 
-__all__ = ["APIError", "FlashBackServer", "ServeSettings", "create_app"]
+__all__ = ["APIError", "FlashBackServer", "ServeSettings", "create_app", "serve_in_thread"]

@@ -166,6 +166,7 @@ class FlashBackServer:
             "config": config,
             "max_new_tokens": max_tokens or self.settings.max_tokens,
             "stop": req.stops(),
+            "ignore_eos": bool(req.ignore_eos),
             **vars(sampling),
         }
         return retriever, kwargs

@@ -72,6 +72,8 @@ class _Common(_Strict):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    """vLLM's and llama-server's: generate ``max_tokens`` whatever the model says (benchmarks)."""
     flashback: dict[str, Any] | None = None
 
     def unsupported(self) -> None:
