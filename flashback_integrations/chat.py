@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .engine.layout import check_utf8, encode_text
+from .engine.layout import check_utf8, encode_text, passage_segments
 from .errors import ConfigError
+from .events import Retrieval
 from .tools import (
     Grammar,
     call_grammar,
@@ -110,6 +111,8 @@ class ChatCall:
     """The tools whose calls are parsed from the output (None: the answer is text)."""
     first_query: str | None
     """The last user message: the first retrieval's query (never the template's text)."""
+    question: Retrieval | None = None
+    """The question's passages put into the prompt (``question_passages``), or None."""
 
 
 def prepare_chat(
@@ -121,6 +124,8 @@ def prepare_chat(
     parallel_tool_calls: bool = False,
     response_grammar: Grammar | None = None,
     hint: bool = True,
+    retriever: Any = None,
+    config: Any = None,
 ) -> ChatCall:
     """Prompt ids, grammar and parsed tools of a chat call. A required call (``tool_choice`` "required", "any"
     or a name) is written under a grammar; ``"none"`` hides the tools; a JSON-schema answer gets the schema
@@ -133,6 +138,57 @@ def prepare_chat(
         grammar = call_grammar(forced, parallel=parallel_tool_calls)
     chat = list(messages)
     users = [m["content"] for m in chat if isinstance(m, dict) and m.get("role") == "user"]
+    question = None
+    if config is not None and config.question_passages:
+        if not users:
+            raise ConfigError("question_passages needs a user message to retrieve for.")
+        context, question = question_context(fb.tokenizer, users[-1], retriever, config)
+        last = max(i for i, m in enumerate(chat) if m.get("role") == "user")
+        chat[last] = {**chat[last], "content": with_context(context, users[-1])}
     if grammar is not None and grammar is response_grammar and grammar.kind == "json_schema" and not bound and hint:
         chat = schema_hint(chat, json.loads(grammar.source))
-    return ChatCall(fb.chat_ids(chat, tools=bound), grammar, bound, users[-1] if users else None)
+    return ChatCall(fb.chat_ids(chat, tools=bound), grammar, bound, users[-1] if users else None, question)
+
+
+def question_context(tokenizer: Any, question: str, retriever: Any, config: Any) -> tuple[list[str], Retrieval]:
+    """The question's top ``config.question_passages`` passages, each cut to ``max_doc_tokens`` tokens, under the
+    call's timeout and error policy (``skip``: no context, the error recorded)."""
+    from .retrieval import as_retrieve_fn
+    from .retrieval.guard import GuardedRetriever
+
+    if retriever is None:
+        raise ConfigError(
+            f"question_passages={config.question_passages} needs a retriever to find the question's passages."
+        )
+    guard = GuardedRetriever(as_retrieve_fn(retriever), config.replace(num_passages=config.question_passages))
+    passages, latency, error = guard(question)
+    cut = [tokenizer.decode(ids) for ids in passage_segments(tokenizer, passages, config.max_doc_tokens, None)]
+    return cut, Retrieval(step=0, query=question, passages=passages, latency_s=latency, error=error)
+
+
+def with_context(context: Sequence[str], text: str) -> str:
+    """The passages before the question, as a stuff chain's prompt puts them."""
+    if not context:
+        return text
+    return "Context:\n" + "\n\n".join(context) + "\n\n" + text
+
+
+def text_with_passages(tokenizer: Any, prompt: Any, retriever: Any, config: Any, query: str | None) -> tuple:
+    """A text prompt with the question's passages before it; (prompt, None) when ``question_passages`` is 0."""
+    if not config.question_passages:
+        return prompt, None
+    if not isinstance(prompt, str):
+        raise ConfigError(
+            "question_passages puts passages into the prompt's text: give a text prompt (or chat messages through "
+            "a chat model), not token ids."
+        )
+    context, question = question_context(tokenizer, query or prompt, retriever, config)
+    return with_context(context, prompt), question
+
+
+def reporting_question(events: Iterator[Any], question: Retrieval | None) -> Iterator[Any]:
+    """The engine's events with the chat's question retrieval on the final result (the engine saw only ids)."""
+    for event in events:
+        if question is not None and hasattr(event, "result"):
+            event.result.question = question
+        yield event

@@ -56,6 +56,9 @@ class FlashBackConfig:
     off by default so the layout is exactly METHOD.md's table).
     block_offset: ``append`` only: place the block ``k`` tokens back, ``P + G[:j-k] + block + G[j-k:]``,
     the portable variant for engines that only reuse causal prefixes (0 = the paper's layout).
+    question_passages: retrieve the question's top ``k`` passages once and put them into the prompt (the last
+    user turn of a chat, before the question), as a LangChain stuff chain does; periodic retrieval goes on as
+    ``mode`` says (``mode="none"`` with it is a plain stuff chain). 0 = off.
     """
 
     mode: Mode | None = setting(
@@ -75,6 +78,9 @@ class FlashBackConfig:
     )
     passage_sink: bool = setting(False, "isolated: passages also attend to the text's first token.")
     block_offset: int = setting(0, "append: place the block N tokens back (0 = the paper's layout).")
+    question_passages: int = setting(
+        0, "Also put the question's top N passages into the prompt once (a chat's user turn), as a stuff chain does."
+    )
 
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in MODES:
@@ -105,6 +111,9 @@ class FlashBackConfig:
             raise ConfigError(f"block_offset must be an integer >= 0, got {offset!r}.")
         if offset and self.mode in ("prepend", "isolated"):
             raise ConfigError(f"block_offset applies to mode='append' only, not {self.mode!r}; set it to 0.")
+        k = self.question_passages
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ConfigError(f"question_passages must be an integer >= 0 (0 = off), got {k!r}.")
 
     @property
     def retrieves(self) -> bool:

@@ -125,6 +125,8 @@ class GenerationResult:
     """Why that layout, when the call did not name one (the adapter's; or, without one, the safe default)."""
     backend: str | None = None
     """What ran the model: torch, llamacpp or openai (``backend="auto"`` resolved)."""
+    question: Retrieval | None = None
+    """The question's passages put into the prompt once (``question_passages``); None when off."""
 
     @property
     def completion_tokens(self) -> int:

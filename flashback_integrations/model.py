@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .chat import chat_template_ids
+from .chat import chat_template_ids, text_with_passages
 from .config import FlashBackConfig
 from .engine.backend import Backend, TorchBackend, check_backend
 from .engine.constrained import Constraint, Grammar
@@ -357,6 +357,7 @@ class FlashBackModel:
             )
         check_backend(self.backend, config, self.name, grammar is not None, output_logits, top is not None)
         marks = self._marks_for(config)
+        prompt, question = text_with_passages(self.tokenizer, prompt, retriever, config, first_query)
         prompt_ids = self.encode(prompt)
         window = self.context_window
         block = block_budget(config.num_passages, config.max_doc_tokens, marks is not None) if config.retrieves else 0
@@ -385,6 +386,7 @@ class FlashBackModel:
             grammar=grammar,
             top_logprobs=top,
             mode_reason=reason,
+            question=question,
         )
 
     def stream(

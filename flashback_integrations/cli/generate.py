@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..chat import prepare_chat
 from ..config import FlashBackConfig, LoadSettings
 from ..data import sample_corpus_dir
 from ..engine.sampling import Sampling
@@ -47,15 +48,18 @@ def generate(
 
     config = config.replace(mode=config.mode or default_mode_for(load.model, load.adapter))
     retriever = None
-    if config.retrieves and collection is not None:
+    if (config.retrieves or config.question_passages) and collection is not None:
         retriever = ChromaRetriever(collection, client=store.connect())
-    elif config.retrieves:
+    elif config.retrieves or config.question_passages:
         retriever = BM25Retriever.from_files(corpus or [sample_corpus_dir()], chunk_words=80)
     fb = load_model(load, config.mode)
-    question = {"prompt": fb.chat_ids([{"role": "user", "content": prompt}]), "first_query": prompt} if chat else {}
+    asked = None
+    if chat:  # the question's passages (--question-passages) go into the user turn, as a stuff chain does
+        call = prepare_chat(fb, [{"role": "user", "content": prompt}], retriever=retriever, config=config)
+        text, asked, config = call.prompt_ids, call.question, config.replace(question_passages=0)
     events = fb.stream(
-        question.pop("prompt", prompt), retriever, config=config, max_new_tokens=max_new_tokens, stop=stop,
-        **question, **vars(sampling),
+        text if chat else prompt, retriever, config=config, max_new_tokens=max_new_tokens, stop=stop,
+        first_query=prompt if chat else None, **vars(sampling),
     )  # fmt: skip
     console.print(f"[bold]{escape(prompt)}[/]", end="\n" if chat else "")
     pending: list[Retrieval] = []
@@ -67,6 +71,10 @@ def generate(
         elif isinstance(event, FinishEvent):
             result = event.result
     console.print()
+    question = asked or result.question
+    if question is not None:
+        console.print("[dim]  passages for the question, in the prompt:[/]")
+        print_retrieval(question)
     for r in pending:
         print_retrieval(r)
     console.print(

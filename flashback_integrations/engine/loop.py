@@ -71,6 +71,8 @@ class GenerationSpec:
     grammar: Grammar | None = None
     top_logprobs: int | None = None
     """None: no log-probabilities; n >= 0: each token's log-probability and the n most likely."""
+    question: Retrieval | None = None
+    """The question's passages already in the prompt (``question_passages``), reported with the result."""
 
 
 def run(backend: Backend, tokenizer: Any, spec: GenerationSpec) -> Iterator[Event]:
@@ -157,6 +159,7 @@ def run(backend: Backend, tokenizer: Any, spec: GenerationSpec) -> Iterator[Even
             mode=spec.config.mode,
             backend=backend.name,
             mode_reason=spec.mode_reason,
+            question=spec.question,
         )
     )
 
@@ -247,6 +250,7 @@ def _run_strides(backend: Any, tokenizer: Any, spec: GenerationSpec) -> Iterator
             mode=spec.config.mode,
             backend=backend.name,
             mode_reason=spec.mode_reason,
+            question=spec.question,
         )
     )
 

@@ -24,7 +24,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from langchain_core.utils.utils import LC_ID_PREFIX
 from pydantic import BaseModel
 
-from ..chat import prepare_chat
+from ..chat import prepare_chat, reporting_question
 from ..errors import ConfigError
 from ..events import FinishEvent, GenerationResult, TokenEvent, final_result, logprobs_payload
 from ..tools import CallStream, ToolCall, check_tools, chosen_tools, parse_tool_calls
@@ -95,6 +95,8 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
             if isinstance(response_format, dict)
             else True
         )
+        retriever = RunRetriever(self.retriever, run_manager) if self.retriever is not None else None
+        options = self.generation_kwargs(stop, **kwargs)
         call = prepare_chat(
             fb,
             to_chat_messages(messages),
@@ -103,12 +105,19 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
             parallel_tool_calls=bool(parallel),
             response_grammar=response_grammar(response_format) if response_format is not None else None,
             hint=hint,
+            retriever=retriever,
+            config=options["config"],
         )
-        retriever = RunRetriever(self.retriever, run_manager) if self.retriever is not None else None
-        options = self.generation_kwargs(stop, first_query=call.first_query, **kwargs)
+        options["config"] = options["config"].replace(question_passages=0)  # in the prompt now
         events = fb.stream(
-            call.prompt_ids, retriever, callbacks=[EventBridge(run_manager)], grammar=call.grammar, **options
+            call.prompt_ids,
+            retriever,
+            callbacks=[EventBridge(run_manager)],
+            grammar=call.grammar,
+            first_query=options.pop("first_query", call.first_query),
+            **options,
         )
+        events = reporting_question(events, call.question)
         return events, name, fb, call.tools or None
 
     def _default_choice(self, messages: list[BaseMessage]) -> str:
@@ -128,6 +137,7 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
             "mode": result.mode,
             "mode_reason": result.mode_reason,
             "backend": result.backend,
+            "question_retrieval": result.question.payload() if result.question is not None else None,
         }
         if result.logprobs is not None:
             metadata["logprobs"] = logprobs_payload(fb.tokenizer, result.logprobs)

@@ -21,6 +21,7 @@ def _generation_info(result: GenerationResult, tokenizer: Any) -> dict[str, Any]
         "retrievals": [r.payload() for r in result.retrievals],
         "mode": result.mode,
         "mode_reason": result.mode_reason,
+        "question_retrieval": result.question.payload() if result.question is not None else None,
         "backend": result.backend,
     }
     if result.logprobs is not None:  # with logprobs=True: OpenAI's format, as ChatFlashBack reports it

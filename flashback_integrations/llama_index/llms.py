@@ -37,9 +37,10 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.schema import NodeWithScore
 
+from ..chat import question_context, reporting_question, with_context
 from ..errors import ConfigError
 from ..events import Event, FinishEvent, GenerationResult, TokenEvent, TokenLogprob, final_result
-from ..settings import FlashBackSettings
+from ..settings import CONFIG_FIELDS, FlashBackSettings
 from ..tools import Grammar, call_grammar, check_tools, closed, parse_tool_calls, schema_hint
 from .events import LlamaIndexBridge
 
@@ -178,6 +179,7 @@ class FlashBackLLM(FlashBackSettings, FunctionCallingLLM):
             "retrievals": result.retrievals,
             "mode": result.mode,
             "mode_reason": result.mode_reason,
+            "question_retrieval": result.question.payload() if result.question is not None else None,
             "backend": result.backend,
         }
 
@@ -203,6 +205,14 @@ class FlashBackLLM(FlashBackSettings, FunctionCallingLLM):
             kwargs["_tools"] = tools
             if required:
                 kwargs["grammar"] = call_grammar(tools, parallel=parallel)
+        config = self.flashback_config().replace(**{k: kwargs[k] for k in CONFIG_FIELDS if k in kwargs})
+        if config.question_passages and question is not None:  # into the user turn, as a stuff chain does
+            context, kwargs["_question"] = question_context(
+                self.flashback().tokenizer, question, self.retriever, config
+            )
+            last = max(i for i, d in enumerate(dicts) if d["role"] == "user")
+            dicts[last] = {**dicts[last], "content": with_context(context, question)}
+            kwargs["question_passages"] = 0
         return self.flashback().chat_ids(dicts, tools=tools or None), question
 
     def _chat_response(self, result: GenerationResult, tools: list[dict[str, Any]] | None) -> ChatResponse:
@@ -279,8 +289,8 @@ class FlashBackLLM(FlashBackSettings, FunctionCallingLLM):
         self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
     ) -> tuple[Iterator[Event], list[dict[str, Any]] | None]:
         prompt, question = self._chat_prompt(messages, kwargs)
-        tools = kwargs.pop("_tools", None)
-        return self.run(prompt, first_query=question, **kwargs), tools
+        tools, asked = kwargs.pop("_tools", None), kwargs.pop("_question", None)
+        return reporting_question(self.run(prompt, first_query=question, **kwargs), asked), tools
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:

@@ -145,10 +145,10 @@ class FlashBackServer:
         collection = collection or self.default_collection
         retriever = self.retriever(collection) if collection is not None else None
         if retriever is None:
-            if changes.get("mode") not in (None, "none"):
+            if changes.get("mode") not in (None, "none") or config.question_passages:
                 raise ConfigError(
-                    f"mode={changes['mode']!r} retrieves, and this server has no default collection; "
-                    "name one in flashback.collection."
+                    "this request retrieves (mode or question_passages), and this server has no default "
+                    "collection; name one in flashback.collection."
                 )
             config = config.replace(mode="none")
         defaults = self.sampling
@@ -172,24 +172,23 @@ class FlashBackServer:
         return retriever, kwargs
 
     def prepare_chat(self, req: ChatRequest) -> tuple[Any, Reply]:
-        from ..chat import merge_turns, prepare_chat
+        from ..chat import merge_turns, prepare_chat, reporting_question
         from ..tools import response_format_grammar
 
         retriever, kwargs = self.engine_kwargs(req, req.limit())
         grammar = response_format_grammar(req.response_format) if req.response_format is not None else None
         call = prepare_chat(
-            self.fb,
-            merge_turns(req.chat_messages()),
-            tools=req.tools,
-            tool_choice=req.tool_choice,
-            parallel_tool_calls=bool(req.parallel_tool_calls),
-            response_grammar=grammar,
-        )
+            self.fb, merge_turns(req.chat_messages()), tools=req.tools, tool_choice=req.tool_choice,
+            parallel_tool_calls=bool(req.parallel_tool_calls), response_grammar=grammar, retriever=retriever,
+            config=kwargs["config"],
+        )  # fmt: skip
+        kwargs["config"] = kwargs["config"].replace(question_passages=0)  # in the prompt now
         if req.logprobs or req.top_logprobs:
             kwargs["logprobs"], kwargs["top_logprobs"] = bool(req.logprobs), req.top_logprobs or 0
         events = self.fb.stream(
             call.prompt_ids, retriever, grammar=call.grammar, first_query=call.first_query, **kwargs
         )  # validates here, before a worker is taken
+        events = reporting_question(events, call.question)
         include = bool(req.stream_options and req.stream_options.include_usage)
         return events, Reply("chat", self.settings.model_name, self.fb.tokenizer, call.tools, include)
 

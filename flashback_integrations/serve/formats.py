@@ -39,6 +39,7 @@ def flashback_info(result: GenerationResult, retrievals: bool = True) -> dict[st
         "mode_reason": result.mode_reason,
         "backend": result.backend,
         "forward_tokens": result.forward_tokens,
+        "question_retrieval": result.question.payload() if result.question is not None else None,
     }
     if retrievals:
         info["retrievals"] = [r.payload() for r in result.retrievals]
