@@ -218,6 +218,9 @@ def ingest(
     a hub id, a folder) or a tokenizer (then ``tokenizer_name`` records which, in the collection's settings)."""
     import time
 
+    if tokenizer_name is not None and not isinstance(tokenizer_name, str):
+        raise ConfigError(f"tokenizer_name must be the reader model's name, got a {type(tokenizer_name).__name__}; "
+                          "pass an Embedder as embedder=....")  # fmt: skip
     tokenizer, tokenizer_name = reader_tokenizer(tokenizer, tokenizer_name)
     started = time.perf_counter()
     check_chunking(chunk_tokens, overlap)  # before the collection exists: its metadata records these
