@@ -106,13 +106,10 @@ def test_trust_remote_code_inside_model_kwargs_is_refused_everywhere(remote_code
         with pytest.raises((ConfigError, ValueError), match="model_kwargs|trust_remote_code"):
             load()
         assert not marker.exists(), f"entry point {i} ran the folder's code"
-    for flag in ([], ["--no-trust-remote-code"]):
-        result = cli(
-            "generate", "hi", "--model", str(folder), "--mode", "none", *flag, "--model-kwargs", json.dumps(smuggled)
-        )
-        assert result.exit_code == 2, result.output
-        assert "model_kwargs" in result.output
-        assert not marker.exists(), f"the CLI ran the folder's code with {flag}"
+    result = cli("generate", "hi", "--model", str(folder), "--mode", "none", "--model-kwargs", json.dumps(smuggled))
+    assert result.exit_code == 2, result.output
+    assert "model_kwargs" in result.output
+    assert not marker.exists(), "the CLI ran the folder's code"
 
 
 @pytest.mark.parametrize("value", ["false", "no", 1, 0, None, "True"])

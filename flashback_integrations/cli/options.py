@@ -64,8 +64,12 @@ def settings_options(cls: type, skip: tuple[str, ...] = (), **defaults: Any) -> 
         else:
             default = None  # a factory default (a dict): unset on the command line
         flag = "--" + f.name.replace("_", "-")
-        decl = f"{flag}/--no-{flag[2:]}" if _is_bool(tp) else flag
-        option = typer.Option(decl, help=help_of(f), rich_help_panel=PANELS.get(cls.__name__, cls.__name__))
+        # a pair only where both are needed (a default of True, or None = automatic), in a panel of its own: a
+        # panel sizes its columns for itself, so the others keep three columns and stay readable at 80
+        pair = _is_bool(tp) and default is not False
+        decl = f"{flag}/--no-{flag[2:]}" if pair else flag
+        panel = PANELS.get(cls.__name__, cls.__name__) + (": switches" if pair else "")
+        option = typer.Option(decl, help=help_of(f), rich_help_panel=panel)
         param = inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default)
         params.append((param.replace(annotation=Annotated[tp, option]), is_json))
     return params
