@@ -306,7 +306,7 @@ def test_32_concurrent_streams_of_mixed_settings_match_sequential_calls(base_url
 
 
 def test_a_full_queue_answers_429_with_retry_after(fb) -> None:
-    slow = SlowRetriever(delay=0.5)
+    slow = SlowRetriever(delay=1.0)
     app = create_app(fb, ServeSettings(model_name="tiny", parallel=1, max_queue=0), config=CONFIG,
                      retrievers={"slow": slow}, default_collection="slow")  # fmt: skip
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
@@ -314,7 +314,7 @@ def test_a_full_queue_answers_429_with_retry_after(fb) -> None:
         kwargs = {"json": body, "timeout": 60}
         first = threading.Thread(target=httpx.post, args=(url + "/v1/chat/completions",), kwargs=kwargs)
         first.start()
-        time.sleep(0.3)
+        time.sleep(0.5)
         r = httpx.post(url + "/v1/chat/completions", json=body)
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["type"] == "rate_limit_exceeded"
@@ -343,7 +343,7 @@ def test_failing_and_hung_retrievers_follow_the_policy_without_blocking_others(f
     hung = SlowRetriever(hang=True)
     app = create_app(
         fb, ServeSettings(model_name="tiny", parallel=2, max_queue=4),
-        config=CONFIG.replace(retrieval_timeout=1.0, on_retrieval_error="skip"),
+        config=CONFIG.replace(retrieval_timeout=3.0, on_retrieval_error="skip"),
         retrievers={"docs": HashRetriever(), "down": SlowRetriever(fail=True), "hung": hung},
     )  # fmt: skip
     client_kw = {"timeout": 60}
@@ -365,7 +365,7 @@ def test_failing_and_hung_retrievers_follow_the_policy_without_blocking_others(f
             fast = ask("docs")
             fast_s = time.monotonic() - started
             result = slow.result()
-        assert fast.status_code == 200 and fast_s < 1.0  # not behind the hung retrieval
+        assert fast.status_code == 200 and fast_s < 2.5  # not behind the hung retrieval (3 s)
         assert result.status_code == 200
         assert "retrieval_timeout" in result.json()["flashback"]["retrievals"][0]["error"]
         hung.release.set()

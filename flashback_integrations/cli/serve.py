@@ -193,5 +193,5 @@ def bench_serve(
     }  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
-    plot(results, out / f"{stem}.png", f"{fb.name}: {max_tokens}-token answers, stride {stride}")
+    plot(results, out / f"{stem}.png", f"{load.model} ({mode}): {max_tokens}-token answers, stride {stride}")
     console.print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
