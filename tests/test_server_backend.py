@@ -136,8 +136,12 @@ def test_framework_classes_and_cli_take_the_server(both, exported, server) -> No
     settings = {"model": folder, "retriever": HashRetriever(), "max_tokens": 10, "stride": 4, "query_tokens": 8}
     settings.update(num_passages=1, max_doc_tokens=12)
     remote = FlashBackLLM(**settings, backend="openai", server_url=server)
-    assert remote.flashback().backend.name == "openai" and remote.flashback_config().mode == "append"
-    assert remote.invoke(PROMPT) == FlashBackLLM(**settings).invoke(PROMPT)
+    assert remote.flashback().backend.name == "openai"
+    # no mode named: the export's saved layout decides, as it does for the local model
+    assert remote.flashback().resolve_config(remote.flashback_config()).mode == "append"
+    local = FlashBackLLM(**settings)
+    assert remote.invoke(PROMPT) == local.invoke(PROMPT)
+    assert remote.generate([PROMPT]).generations[0][0].generation_info["mode"] == "append"
     from flashback_integrations.llama_index import FlashBackLLM as LlamaIndexLLM
 
     on_server = LlamaIndexLLM(**settings, backend="openai", server_url=server)

@@ -193,7 +193,7 @@ def predict_runs(
                 "prompt_tokens": prompt,
                 "gen_tokens": gen,
                 "predicted_s": {
-                    m: round(v / 1000, 2) for m, v in (("prepend", prepend), ("append", append), ("none", none))
+                    m: round(v / 1000, 4) for m, v in (("prepend", prepend), ("append", append), ("none", none))
                 },
                 "prepend_over_append": round(prepend / append, 2),
                 "append_over_none": round(append / none, 3),
