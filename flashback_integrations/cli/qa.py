@@ -66,17 +66,34 @@ def eval_qa(
         raise fail(ValueError(f"unknown rows {unknown}; the rows: {list(ROWS)}" if unknown else "no questions"))
     retriever = BM25Retriever.from_files([docs], chunk_words=80)
     base = FlashBackConfig(stride=stride, query_tokens=32, num_passages=1, max_doc_tokens=128)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / f"{stem}.partial.json"
+    key = {"questions": [q.id for q in items], "max_new_tokens": max_new_tokens, "stride": stride}
     answers: dict[str, list[dict[str, Any]]] = {}
+    if partial.is_file():  # a stopped run with the same settings: its finished rows are kept
+        saved = json.loads(partial.read_text())
+        if saved.get("key") == key:
+            answers = {label: rows_ for label, rows_ in saved["answers"].items() if label in chosen}
     with Progress(console=console) as progress:
         for label in chosen:
+            if label in answers:
+                console.print(f"{label}: kept from {partial.name}")
+                continue
             options = ROWS[label]
             fb = FlashBackModel.shared("default", mode=options.get("mode", "isolated"))
             config = fb.resolve_config(base.replace(**options))
             task = progress.add_task(label, total=len(items))
-            answers[label] = []
+            done = []
             for item in items:
-                answers[label].append(answer_one(fb, item, retriever, config, max_new_tokens))
+                done.append(answer_one(fb, item, retriever, config, max_new_tokens))
                 progress.advance(task)
+            answers[label] = done
+            partial.write_text(json.dumps({"key": key, "answers": answers}))
+            row = summarise({label: done})[label]
+            console.print(  # a line per row, also when the output is not a terminal
+                f"{label}: EM {row['exact_match']['mean']:.3f}, contains {row['contains']['mean']:.3f}, "
+                f"{row['seconds_per_answer']:.2f} s/answer ({config.mode}, {done[0]['backend']})"
+            )
     summary = summarise(answers)
     for label, s in summary.items():
         em, contains = s["exact_match"], s["contains"]
@@ -87,7 +104,6 @@ def eval_qa(
     check = (
         _langchain_check(items[:langchain_check], retriever, base, max_new_tokens, answers) if langchain_check else None
     )
-    out.mkdir(parents=True, exist_ok=True)
     result = {
         "command": f"flashback eval qa {questions_file} --docs {docs} --max-new-tokens {max_new_tokens} "
         f"--stride {stride}" + (f" --limit {limit}" if limit else "") + (f" --rows '{rows}'" if rows else ""),
