@@ -1,7 +1,8 @@
 """Issue 42's check on a product-docs set of our own: five short documents in a Chroma collection, five
 questions with the words a correct answer must contain, answered by ChatFlashBack on the default model in four
-ways: the default (isolated, periodic retrieval), stuffed (question_passages=1, no periodic retrieval: a stuff
-chain), both, and no retrieval. Greedy, 64 tokens. A small set for a first look, not an evaluation (issue 38).
+ways: isolated periodic retrieval alone (the default before question_passages), stuffed (question_passages=1, no
+periodic retrieval: a stuff chain), both (the chat default now), and no retrieval. Greedy, 64 tokens. A small set
+for a first look, not an evaluation (issue 38).
 
     .venv/bin/python benchmarks/product_questions.py  # writes benchmarks/results/product_questions.json
 """
@@ -36,9 +37,9 @@ QUESTIONS = [
     ("How many days do I have to return a product?", ["30 days", "thirty days"]),
 ]
 ROWS = {
-    "default (isolated, periodic)": {},
+    "isolated, periodic only (question_passages=0)": {"question_passages": 0},
     "stuffed (question_passages=1, mode none)": {"question_passages": 1, "mode": "none"},
-    "both (question_passages=1 + isolated)": {"question_passages": 1},
+    "both (chat default: question_passages=1 + isolated)": {},
     "none": {"mode": "none"},
 }
 

@@ -139,10 +139,11 @@ def prepare_chat(
     chat = list(messages)
     users = [m["content"] for m in chat if isinstance(m, dict) and m.get("role") == "user"]
     question = None
-    if config is not None and config.question_passages:
+    k = config.question_k(chat=bool(users), retriever=retriever) if config is not None else 0
+    if k:
         if not users:
             raise ConfigError("question_passages needs a user message to retrieve for.")
-        context, question = question_context(fb.tokenizer, users[-1], retriever, config)
+        context, question = question_context(fb.tokenizer, users[-1], retriever, config.replace(question_passages=k))
         last = max(i for i, m in enumerate(chat) if m.get("role") == "user")
         chat[last] = {**chat[last], "content": with_context(context, users[-1])}
     if grammar is not None and grammar is response_grammar and grammar.kind == "json_schema" and not bound and hint:
@@ -175,14 +176,15 @@ def with_context(context: Sequence[str], text: str) -> str:
 
 def text_with_passages(tokenizer: Any, prompt: Any, retriever: Any, config: Any, query: str | None) -> tuple:
     """A text prompt with the question's passages before it; (prompt, None) when ``question_passages`` is 0."""
-    if not config.question_passages:
+    k = config.question_k(chat=False, retriever=retriever)
+    if not k:
         return prompt, None
     if not isinstance(prompt, str):
         raise ConfigError(
             "question_passages puts passages into the prompt's text: give a text prompt (or chat messages through "
             "a chat model), not token ids."
         )
-    context, question = question_context(tokenizer, query or prompt, retriever, config)
+    context, question = question_context(tokenizer, query or prompt, retriever, config.replace(question_passages=k))
     return with_context(context, prompt), question
 
 

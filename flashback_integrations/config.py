@@ -58,7 +58,8 @@ class FlashBackConfig:
     the portable variant for engines that only reuse causal prefixes (0 = the paper's layout).
     question_passages: retrieve the question's top ``k`` passages once and put them into the prompt (the last
     user turn of a chat, before the question), as a LangChain stuff chain does; periodic retrieval goes on as
-    ``mode`` says (``mode="none"`` with it is a plain stuff chain). 0 = off.
+    ``mode`` says (``mode="none"`` with it is a plain stuff chain). 0 = off. ``None``: 1 in a chat that has a
+    retriever and retrieves (both together answered the QA set best: README "Answers"), 0 for a text prompt.
     """
 
     mode: Mode | None = setting(
@@ -78,8 +79,10 @@ class FlashBackConfig:
     )
     passage_sink: bool = setting(False, "isolated: passages also attend to the text's first token.")
     block_offset: int = setting(0, "append: place the block N tokens back (0 = the paper's layout).")
-    question_passages: int = setting(
-        0, "Also put the question's top N passages into the prompt once (a chat's user turn), as a stuff chain does."
+    question_passages: int | None = setting(
+        None,
+        "Also put the question's top N passages into the prompt once (a chat's user turn), as a stuff chain does "
+        "(default: 1 in a chat with a retriever, 0 for text).",
     )
 
     def __post_init__(self) -> None:
@@ -112,12 +115,18 @@ class FlashBackConfig:
         if offset and self.mode in ("prepend", "isolated"):
             raise ConfigError(f"block_offset applies to mode='append' only, not {self.mode!r}; set it to 0.")
         k = self.question_passages
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ConfigError(f"question_passages must be an integer >= 0 (0 = off), got {k!r}.")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise ConfigError(f"question_passages must be an integer >= 0 (0 = off) or None (auto), got {k!r}.")
 
     @property
     def retrieves(self) -> bool:
         return self.mode != "none"
+
+    def question_k(self, *, chat: bool, retriever: Any) -> int:
+        """``question_passages`` as set, else the chat default: 1 when a chat has a retriever and retrieves."""
+        if self.question_passages is not None:
+            return self.question_passages
+        return 1 if chat and retriever is not None and self.retrieves else 0
 
     def replace(self, **changes: Any) -> FlashBackConfig:
         """A validated copy with some fields changed."""

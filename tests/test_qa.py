@@ -99,14 +99,16 @@ def test_rows_on_the_default_model_and_the_chain_check(docs, tmp_path, flashback
     CliRunner().invoke(app, ["eval", "qa-build", str(qa), "--docs", str(docs)])
     result = CliRunner().invoke(app, [
         "eval", "qa", str(qa), "--docs", str(docs / "library"), "--rows",
-        "closed book,FlashBack isolated (default),isolated + stuffed", "--max-new-tokens", "12",
+        "closed book,stuffed (the question's top-1 in the prompt),FlashBack isolated alone,"
+        "isolated + stuffed (chat default)", "--max-new-tokens", "12",
         "--langchain-check", "2", "--out", str(tmp_path), "--stem", "qa",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "qa.json").read_text())
     rows = report["rows"]
     assert rows["closed book"]["retrievals_per_answer"] == 0
-    assert rows["FlashBack isolated (default)"]["retrievals_per_answer"] >= 1
-    assert rows["isolated + stuffed"]["retrievals_per_answer"] >= 2
-    assert report["langchain_check"] == {"row": "FlashBack isolated (default)", "identical": 2, "of": 2}
-    assert {a["mode"] for a in report["answers"]["FlashBack isolated (default)"]} == {"isolated"}
+    assert rows["stuffed (the question's top-1 in the prompt)"]["retrievals_per_answer"] == 1
+    assert rows["FlashBack isolated alone"]["retrievals_per_answer"] >= 1
+    assert rows["isolated + stuffed (chat default)"]["retrievals_per_answer"] >= 2
+    assert report["langchain_check"] == {"row": "isolated + stuffed (chat default)", "identical": 2, "of": 2}
+    assert {a["mode"] for a in report["answers"]["FlashBack isolated alone"]} == {"isolated"}

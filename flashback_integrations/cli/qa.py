@@ -51,7 +51,7 @@ def eval_qa(
     out: Out = Path("benchmarks/results"),
     stem: Stem = "qa_python",
 ) -> None:
-    """Answer the set closed-book, stuffed, with FlashBack (isolated, the default), both, prepend and append."""
+    """Answer the set closed-book, stuffed, FlashBack (isolated) alone, both (the chat default), prepend, append."""
     from rich.progress import Progress
 
     from ..config import FlashBackConfig
@@ -117,13 +117,13 @@ def eval_qa(
 
 
 def _langchain_check(items: list, retriever: Any, base: Any, max_new_tokens: int, answers: dict) -> dict[str, Any]:
-    """The default row again through ``prompt | ChatFlashBack | parser``: the numbers are what a chain user gets."""
+    """The chat default's row again through ``prompt | ChatFlashBack | parser``: what a chain user gets."""
     from langchain_core.output_parsers import StrOutputParser
     from langchain_core.prompts import ChatPromptTemplate
 
     from ..langchain import ChatFlashBack
 
-    label = "FlashBack isolated (default)"
+    label = "isolated + stuffed (chat default)"
     if label not in answers:
         return {"skipped": f"the {label!r} row was not run"}
     llm = ChatFlashBack(model="default", retriever=retriever, max_tokens=max_new_tokens, stride=base.stride,

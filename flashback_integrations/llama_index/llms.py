@@ -42,7 +42,7 @@ from ..errors import ConfigError
 from ..events import Event, FinishEvent, GenerationResult, TokenEvent, TokenLogprob, final_result
 from ..settings import CONFIG_FIELDS, FlashBackSettings
 from ..tools import Grammar, call_grammar, check_tools, closed, parse_tool_calls, schema_hint
-from .events import LlamaIndexBridge
+from .events import LlamaIndexBridge, passage_to_node
 
 _READ_BLOCKS: tuple[type, ...] = (TextBlock, ToolCallBlock)
 _HINT_BLOCKS: tuple[type, ...] = tuple(
@@ -206,9 +206,10 @@ class FlashBackLLM(FlashBackSettings, FunctionCallingLLM):
             if required:
                 kwargs["grammar"] = call_grammar(tools, parallel=parallel)
         config = self.flashback_config().replace(**{k: kwargs[k] for k in CONFIG_FIELDS if k in kwargs})
-        if config.question_passages and question is not None:  # into the user turn, as a stuff chain does
+        k = config.question_k(chat=True, retriever=self.retriever)
+        if k and question is not None:  # into the user turn, as a stuff chain does
             context, kwargs["_question"] = question_context(
-                self.flashback().tokenizer, question, self.retriever, config
+                self.flashback().tokenizer, question, self.retriever, config.replace(question_passages=k)
             )
             last = max(i for i, d in enumerate(dicts) if d["role"] == "user")
             dicts[last] = {**dicts[last], "content": with_context(context, question)}
@@ -290,6 +291,8 @@ class FlashBackLLM(FlashBackSettings, FunctionCallingLLM):
     ) -> tuple[Iterator[Event], list[dict[str, Any]] | None]:
         prompt, question = self._chat_prompt(messages, kwargs)
         tools, asked = kwargs.pop("_tools", None), kwargs.pop("_question", None)
+        if asked is not None and kwargs.get("collect") is not None:  # a query engine's source nodes
+            kwargs["collect"].extend(passage_to_node(p, 0) for p in asked.passages)
         return reporting_question(self.run(prompt, first_query=question, **kwargs), asked), tools
 
     @llm_chat_callback()

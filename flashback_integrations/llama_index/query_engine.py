@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from llama_index.core.base.base_query_engine import BaseQueryEngine
+from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.base.response.schema import RESPONSE_TYPE, Response, StreamingResponse
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.instrumentation import get_dispatcher
@@ -19,12 +20,14 @@ dispatcher = get_dispatcher(__name__)
 
 
 class FlashBackQueryEngine(BaseQueryEngine):
-    """RAG the FlashBack way: the model reads the question, then the first retrieval (made with the
-    question) is appended after it in a marked block, and generation goes on retrieving every
-    ``stride`` tokens from the same retriever, reusing the cache of everything before the block.
+    """RAG the FlashBack way: the model reads the question (with its top ``question_passages`` nodes in the
+    user turn, as a stuff chain puts them: 1 by default), then the first retrieval (made with the question)
+    is read in the llm's layout, and generation goes on retrieving every ``stride`` tokens from the same
+    retriever, reusing the cache of everything before the block.
 
-    ``source_nodes`` of the response hold every node retrieved during generation, each with
-    ``metadata["flashback_step"]`` (the generated-token index at which it was retrieved).
+    ``source_nodes`` of the response hold the question's nodes and every node retrieved during generation,
+    each with ``metadata["flashback_step"]`` (the generated-token index at which it was retrieved; 0 for
+    the question's).
     """
 
     def __init__(
@@ -63,11 +66,11 @@ class FlashBackQueryEngine(BaseQueryEngine):
         return {}
 
     def _events(self, question: str, collect: list[NodeWithScore]) -> Iterator[Event]:
-        messages = [{"role": "user", "content": question}]
+        messages = [ChatMessage(role=MessageRole.USER, content=question)]
         if self._system_prompt:
-            messages.insert(0, {"role": "system", "content": self._system_prompt})
-        ids = self._llm.flashback().chat_ids(messages)
-        return self._llm.run(ids, first_query=question, collect=collect)
+            messages.insert(0, ChatMessage(role=MessageRole.SYSTEM, content=self._system_prompt))
+        events, _ = self._llm._chat(messages, {"collect": collect})  # the chat path: question_passages included
+        return events
 
     @dispatcher.span
     def _query(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:

@@ -206,6 +206,8 @@ class FlashBackServer:
             events, reply = await asyncio.to_thread(prepare, req)
         except ContextWindowError as exc:
             raise APIError(400, str(exc), code="context_length_exceeded") from exc
+        except RetrievalError as exc:  # the question's passages (question_passages), retrieved while preparing
+            raise APIError(502, str(exc), "retrieval_error", code="retrieval_failed") from exc
         except (ConfigError, ValueError, TypeError) as exc:
             raise APIError(400, str(exc)) from exc
         job = Job(lambda: events)

@@ -173,11 +173,11 @@ def summarise(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- running
 ROWS: dict[str, dict[str, Any]] = {
     "closed book": {"mode": "none"},
-    "stuffed (top-1 by the question, in the prompt)": {"mode": "none", "question_passages": 1},
-    "FlashBack isolated (default)": {},
-    "isolated + stuffed": {"question_passages": 1},
-    "prepend every s": {"mode": "prepend"},
-    "append (paper layout, its adapter)": {"mode": "append"},
+    "stuffed (the question's top-1 in the prompt)": {"mode": "none", "question_passages": 1},
+    "FlashBack isolated alone": {"question_passages": 0},
+    "isolated + stuffed (chat default)": {"question_passages": 1},
+    "prepend every s": {"mode": "prepend", "question_passages": 0},
+    "append (paper layout, its adapter)": {"mode": "append", "question_passages": 0},
 }
 """The rows, as ``FlashBackConfig`` changes over the run's settings."""
 

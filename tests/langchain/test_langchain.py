@@ -175,7 +175,9 @@ def test_chat_streaming_keeps_retrievals_inside_the_model_run(tiny_path) -> None
         streamed = "".join(chain.stream({"q": "json"}, config={"callbacks": [handler]}))
     (root,) = cb.traced_runs
     model_run = next(c for c in root.child_runs if c.run_type == "llm")
-    assert [c.run_type for c in model_run.child_runs] == ["retriever"] * 3
+    # the question's passages (the chat default, question_passages=1), then one retrieval per stride
+    assert [c.run_type for c in model_run.child_runs] == ["retriever"] * 4
+    assert model_run.child_runs[0].inputs["query"] == "json"
     assert [r["run_id"] for r in handler.retrievals] == [model_run.id] * 3
     assert streamed == chain.invoke({"q": "json"})
 
@@ -185,7 +187,7 @@ def test_chat_streaming_keeps_retrievals_inside_the_model_run(tiny_path) -> None
     seen = asyncio.run(events())
     start = next(e for e in seen if e["event"] == "on_chat_model_start")
     retrievals = [e for e in seen if e["event"] == "on_retriever_end"]
-    assert len(retrievals) == 3 and all(start["run_id"] in e["parent_ids"] for e in retrievals)
+    assert len(retrievals) == 4 and all(start["run_id"] in e["parent_ids"] for e in retrievals)
     assert "".join(e["data"]["chunk"].content for e in seen if e["event"] == "on_chat_model_stream") == streamed
 
 

@@ -115,7 +115,7 @@ def test_stock_query_engine_with_and_without_periodic_retrieval(tiny_path, index
 
 def test_flashback_query_engine_reports_every_retrieved_node(tiny_path, index, fb, capture) -> None:
     retriever = index.as_retriever(similarity_top_k=2)
-    llm = FlashBackLLM(model=tiny_path, num_passages=2, **SETTINGS)
+    llm = FlashBackLLM(model=tiny_path, num_passages=2, question_passages=0, **SETTINGS)
     engine = FlashBackQueryEngine(retriever=retriever, llm=llm)
     response = engine.query("How do I pretty-print JSON?")
     ids = fb.chat_ids([{"role": "user", "content": "How do I pretty-print JSON?"}])
@@ -141,6 +141,26 @@ def test_flashback_query_engine_reports_every_retrieved_node(tiny_path, index, f
     streaming = FlashBackQueryEngine(retriever=retriever, llm=llm, streaming=True).query("How do I pretty-print JSON?")
     assert "".join(streaming.response_gen) == response.response
     assert [n.node.metadata["flashback_step"] for n in streaming.source_nodes] == steps
+
+
+def test_flashback_query_engine_puts_the_questions_nodes_in_the_prompt_by_default(tiny_path, index, fb) -> None:
+    """The chat default (question_passages=1 with a retriever): the question's top nodes go into the user turn, as
+    a stuff chain puts them, and lead ``source_nodes``; periodic retrieval goes on after them."""
+    from flashback_integrations.chat import prepare_chat
+
+    retriever = index.as_retriever(similarity_top_k=2)
+    question = "How do I pretty-print JSON?"
+    response = FlashBackQueryEngine(retriever=retriever, llm=FlashBackLLM(model=tiny_path, **SETTINGS)).query(question)
+    call = prepare_chat(fb, [{"role": "user", "content": question}], retriever=retriever, config=CONFIG)
+    assert "Context:\n" in fb.tokenizer.decode(call.prompt_ids) and call.question.query == question
+    expected = fb.generate(
+        call.prompt_ids, retriever, config=CONFIG.replace(question_passages=0), max_new_tokens=10, first_query=question
+    )
+    assert response.response == expected.text
+    steps = [n.node.metadata["flashback_step"] for n in response.source_nodes]
+    assert steps == [0, 0, 4, 8]  # the question's node (top-1), then one per stride
+    assert response.source_nodes[0].node.get_content() == call.question.passages[0].text
+    assert response.source_nodes[0].node.metadata["name"] == "json.txt"
 
 
 def test_events_carry_the_llm_span_even_when_streaming(tiny_path, capture) -> None:
