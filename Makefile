@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flashback-installed
 
-.PHONY: demo test test-backends llama-server vllm lint install clean
+.PHONY: demo test docs test-backends llama-server vllm lint install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -ra --nbmake tests examples
 
+# The docs site (MkDocs + mkdocstrings) into site/, warnings as errors, as the tests build it.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
 # The server backends' tests: builds llama.cpp's server into .venv/bin and vLLM's venv, then runs them
 # (with the llama.cpp backend's, which `make test` runs too).
 test-backends: $(STAMP) llama-server vllm
@@ -47,4 +51,4 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check flashback_integrations tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info site

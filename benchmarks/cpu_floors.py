@@ -4,7 +4,7 @@ Runs every linear layer of the default model (fp32, CPU) alone, as a 144-id re-f
 passage ids) and as a 1-id decode step would, with no attention, norms or Python around them. Append
 costs (15 + refeed/decode) / 16 of plain decoding, so it is within 1.05x only if a re-feed costs at
 most 1.8 decode steps; these floors say how fast a decode step would then have to be. It then sums
-the committed ``bench forward`` costs over METHOD.md's runs (``predict_runs``) to predict the full
+the committed ``bench forward`` costs over docs/method.md's runs (``predict_runs``) to predict the full
 ``bench speed`` runs, and bounds them with the re-feed at its floor.
 Run: python benchmarks/cpu_floors.py
 """

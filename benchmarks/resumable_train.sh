@@ -23,11 +23,11 @@ train_row() {  # OUT, then every `flashback train` option of the row (--max-minu
     fi
     local left=$(( MINUTES - SECONDS / 60 ))  # SECONDS: bash's clock since the script started
     if [ "$left" -lt 10 ]; then  # model load, teacher, first validation: not worth starting a row
-        echo "$out: not started, ${left} of $MINUTES minutes left; commit and rerun this script"
+        echo "$out: not started, ${left} of $MINUTES minutes left; rerun this script (the checkpoints stay on this machine)"
         exit 0
     fi
     local resume=()
     if [ -d "$out/checkpoints" ]; then resume=(--resume); fi
     .venv/bin/flashback train "$out" --max-minutes "$left" "${resume[@]}" "$@"
-    finished "$out" || { echo "$out: stopped after $MINUTES minutes; commit $out and rerun this script"; exit 0; }
+    finished "$out" || { echo "$out: stopped after $MINUTES minutes; rerun this script to continue from $out"; exit 0; }
 }

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 14, item 5: the paper's rows given the shipped isolated adapter's CPU budget and recipe, so the
 # 4,000-target table compares like with like. Resumable across sessions and machines: rerun to continue
-# (each call trains for at most $MINUTES in all, default 60, row after row, then stops; commit the
-# checkpoints between runs).
+# (each call trains for at most $MINUTES in all, default 60, row after row, then stops; keep the
+# checkpoints (git-ignored) between runs).
 #
 # The shipped isolated adapter = a GPU-trained start (prepend-marks, 253 x 32) + 222 CPU steps x 16 examples
 # (161 at tail 1, lr 2e-4, then 61 at tail 32, lr 1e-4), distilled from the prepend teacher (KL top-20,
@@ -12,9 +12,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MINUTES=${MINUTES:-60}
-D=benchmarks/adapters/isolated-activated/data
+D=benchmarks/data   # rebuilt (sha256-checked) by benchmarks/training_data.sh
+[ -f $D/val256.jsonl.gz ] || benchmarks/training_data.sh $D
 A=benchmarks/adapters/cpu-budget
-TEACHER=benchmarks/adapters/prepend-marks
+TEACHER=flashback_integrations/adapters/smollm2-135m-prepend
 
 source benchmarks/resumable_train.sh
 train() {  # OUT, then the row's own options; the recipe every row shares
@@ -44,7 +45,7 @@ timeout "${left}m" .venv/bin/flashback eval ppl --examples benchmarks/eval/whats
     --prepend-adapter $A/prepend-marks --row 'append + LoRA + MT (FlashBack)' --row 'append + LoRA' \
     --row 'prepend + LoRA + MT' --stem ppl_cpu_budget_whatsnew4000 || status=$?
 if [ "$status" -eq 124 ]; then
-    echo "scoring stopped after $MINUTES minutes; commit benchmarks/results/ppl_cpu_budget_whatsnew4000.partial.json and rerun"
+    echo "scoring stopped after $MINUTES minutes; rerun to continue from benchmarks/results/ppl_cpu_budget_whatsnew4000.partial.json"
     exit 0
 fi
 [ "$status" -eq 0 ] || exit "$status"

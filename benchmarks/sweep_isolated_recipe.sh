@@ -7,13 +7,14 @@
 # validation before the first step checks that on the real model, the other runs skip theirs (the control's).
 # LoRA targets are not swept: the start already trains every linear projection (the widening cannot drop any).
 # Resumable like retrain_paper_rows.sh: each call trains for at most $MINUTES in all (default 60), then stops;
-# commit benchmarks/adapters/sweep-isolated/ between calls. The table: benchmarks/results/val_sweep_isolated.*
+# keep benchmarks/adapters/sweep-isolated/ (git-ignored) between calls. The table: benchmarks/results/val_sweep_isolated.*
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MINUTES=${MINUTES:-60}
-D=benchmarks/adapters/isolated-activated/data
+D=benchmarks/data   # rebuilt (sha256-checked) by benchmarks/training_data.sh
+[ -f $D/val256.jsonl.gz ] || benchmarks/training_data.sh $D
 S=benchmarks/adapters/sweep-isolated
-TEACHER=benchmarks/adapters/prepend-marks
+TEACHER=flashback_integrations/adapters/smollm2-135m-prepend
 source benchmarks/resumable_train.sh
 
 run() {  # NAME, then the options this run changes

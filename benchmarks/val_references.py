@@ -3,7 +3,7 @@ recipes on validation and never on the reported test split.
 
     python benchmarks/val_references.py VAL.jsonl.gz OUT.json
 
-Rows: prepend + LoRA + MT (benchmarks/adapters/prepend-marks), that adapter merged and read in the
+Rows: prepend + LoRA + MT (flashback_integrations/adapters/smollm2-135m-prepend), that adapter merged and read in the
 isolated layout, and no retrieval. One thread, so it can run beside a training job.
 """
 
@@ -18,8 +18,13 @@ from flashback_integrations.training.examples import load_examples
 from flashback_integrations.training.scoring import mark_id_list, pad_id_of, target_nll
 
 ROWS = [
-    ("prepend + LoRA + MT", "prepend", "benchmarks/adapters/prepend-marks", True),
-    ("isolated + prepend adapter (merged, all tokens)", "isolated", "benchmarks/adapters/prepend-marks", True),
+    ("prepend + LoRA + MT", "prepend", "flashback_integrations/adapters/smollm2-135m-prepend", True),
+    (
+        "isolated + prepend adapter (merged, all tokens)",
+        "isolated",
+        "flashback_integrations/adapters/smollm2-135m-prepend",
+        True,
+    ),
     ("no retrieval", "none", "none", False),
 ]
 

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 R=benchmarks/results/ppl_isolated_whatsnew4000_t32
 eval_ppl() {
     .venv/bin/flashback eval ppl --examples benchmarks/eval/whatsnew_4000_seed7.examples.jsonl.gz \
-        --prepend-adapter benchmarks/adapters/prepend-marks \
+        --prepend-adapter flashback_integrations/adapters/smollm2-135m-prepend \
         --isolated-adapter flashback_integrations/adapters/smollm2-135m-isolated --tail-tokens 32 --device cpu "$@"
 }
 eval_ppl --row 'isolated + adapter' --stem "$(basename $R)_row2"

@@ -36,7 +36,7 @@ def require_positive_ints(obj: Any, names: tuple[str, ...]) -> None:
 
 @dataclass
 class FlashBackConfig:
-    """How retrieval is interleaved with generation (METHOD.md).
+    """How retrieval is interleaved with generation (docs/method.md).
 
     mode: ``append`` (FlashBack: block after the input, cache of the input kept), ``prepend``
     (In-Context RALM: block before the input, cache recomputed), ``isolated`` (each passage on its
@@ -51,15 +51,15 @@ class FlashBackConfig:
     retrieval_timeout: seconds a retrieval may take before it counts as failed (``None``: no limit).
     tail_tokens: ``isolated`` only: history tokens (``t``) that attend to the passages; each retrieval
     re-feeds ``stride + tail_tokens`` tokens. ``None``: the loaded adapter's setting, else 1 (the
-    cheapest). Longer tails read the passage better (validation loss in README).
+    cheapest). Longer tails read the passage better (validation loss in docs/results-shipped-default.md).
     passage_sink: ``isolated`` only: passages also attend to the text's first token (measured 1% better;
-    off by default so the layout is exactly METHOD.md's table).
+    off by default so the layout is exactly docs/method.md's table).
     block_offset: ``append`` only: place the block ``k`` tokens back, ``P + G[:j-k] + block + G[j-k:]``,
     the portable variant for engines that only reuse causal prefixes (0 = the paper's layout).
     question_passages: retrieve the question's top ``k`` passages once and put them into the prompt (the last
     user turn of a chat, before the question), as a LangChain stuff chain does; periodic retrieval goes on as
     ``mode`` says (``mode="none"`` with it is a plain stuff chain). 0 = off. ``None``: 1 in a chat that has a
-    retriever and retrieves (both together answered the QA set best: README "Answers"), 0 for a text prompt.
+    retriever and retrieves (both together answered the QA set best: docs/evaluation.md), 0 for a text prompt.
     """
 
     mode: Mode | None = setting(

@@ -1,6 +1,6 @@
 """Activated adapters (LoRA on from the passage on): exact against one masked, gated forward.
 
-The reference is METHOD.md's isolated table as one forward (test_isolated's, written from the table
+The reference is docs/method.md's isolated table as one forward (test_isolated's, written from the table
 alone), with LoRA switched on for exactly the passage segments and the tail.
 """
 

@@ -1,6 +1,6 @@
-"""The core promise: cached generation equals a full recompute over the METHOD.md layout.
+"""The core promise: cached generation equals a full recompute over the docs/method.md layout.
 
-The reference here is written from the METHOD.md table alone; it does not use the package's
+The reference here is written from the docs/method.md table alone; it does not use the package's
 layout or engine code.
 """
 
@@ -36,7 +36,7 @@ def doc_ids(tok, texts: list[str]) -> list[int]:
 
 
 def reference_context(fb: FlashBackModel, mode: str, marks: bool, P, G, j: int, texts: list[str]) -> list[int]:
-    """METHOD.md, "Context layout", row by row."""
+    """docs/method.md, "Context layout", row by row."""
     tok = fb.tokenizer
     doc = doc_ids(tok, texts)
     if mode == "none" or not doc:
@@ -119,7 +119,7 @@ def test_greedy_matches_naive_reference(arch_model: FlashBackModel, mode: str) -
 
 @pytest.mark.parametrize("marks", (True, False))
 def test_append_cache_arithmetic(arch_model: FlashBackModel, marks: bool) -> None:
-    """METHOD.md step 3: keep P + G[:j-s], feed G[j-s:j] + block (s + |B| tokens) in one forward."""
+    """docs/method.md step 3: keep P + G[:j-s], feed G[j-s:j] + block (s + |B| tokens) in one forward."""
     s = 4
     config = FlashBackConfig(
         mode="append", marks=marks, stride=s, query_tokens=QUERY_TOKENS, max_doc_tokens=MAX_DOC, num_passages=1

@@ -1,6 +1,6 @@
 """The isolated-passage layout and the portable append variant: cached logits equal one masked forward.
 
-The reference is written from METHOD.md's tables alone (its own slicing, 4D mask and position ids);
+The reference is written from docs/method.md's tables alone (its own slicing, 4D mask and position ids);
 it does not use the package's layout or cache code.
 """
 
@@ -42,7 +42,7 @@ def segments_of(fb: FlashBackModel, texts: list[str], marks: bool) -> list[list[
 
 
 def isolated_forward(fb, P, G, j, segs, t, sink=False, gated=False) -> torch.Tensor:
-    """METHOD.md's isolated table as one forward: head, segments at negative positions, tail. ``gated``:
+    """docs/method.md's isolated table as one forward: head, segments at negative positions, tail. ``gated``:
     an activated adapter is on for the segments and the tail only."""
     H = P + G[:j]
     if not segs:

@@ -83,7 +83,8 @@ def test_a_chat_with_a_retriever_gets_one_question_passage_by_default(fb) -> Non
     llm = FlashBackLLM(flashback_model=fb, retriever=HashRetriever(), **options)
     assert llm.chat([ChatMessage(role="user", content=QUESTION)]).raw["question_retrieval"]["query"] == QUESTION
     assert llm.complete(QUESTION).raw["question_retrieval"] is None  # a text prompt is continued as it is
-    assert fb.generate(QUESTION, HashRetriever(), config=FlashBackConfig(mode="append"), max_new_tokens=2).question is None
+    text = fb.generate(QUESTION, HashRetriever(), config=FlashBackConfig(mode="append"), max_new_tokens=2)
+    assert text.question is None
 
 
 def test_the_server_takes_it_per_request(fb) -> None:

@@ -1,4 +1,5 @@
-"""The README's Python blocks run as pasted (on the real default model), so the quickstarts cannot rot."""
+"""The Python blocks of the README and the docs' pages run as pasted (on the real default model), so the
+quickstarts and guides cannot rot."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import pytest
 
 from flashback_integrations.loading import resolve
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+# each distinct block once (the README's quickstarts are also on their guide pages)
+BLOCKS = list(dict.fromkeys(b for page in PAGES for b in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)))
 
 pytestmark = [
     pytest.mark.slow,
@@ -22,7 +26,7 @@ pytestmark = [
 
 
 def test_readme_has_the_quickstarts() -> None:
-    text = "\n".join(BLOCKS)
+    text = "\n".join(re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S))
     for name in ("FlashBackModel.from_pretrained", "ChatFlashBack", "FlashBackQueryEngine", "ChromaRetriever"):
         assert name in text
 
@@ -30,7 +34,7 @@ def test_readme_has_the_quickstarts() -> None:
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs(index: int, flashback_home, capsys) -> None:
     # dont_inherit: as pasted, without this test module's `from __future__ import annotations`
-    exec(compile(BLOCKS[index], f"README.md block {index}", "exec", dont_inherit=True), {"__name__": f"readme_{index}"})
+    exec(compile(BLOCKS[index], f"docs block {index}", "exec", dont_inherit=True), {"__name__": f"readme_{index}"})
     assert capsys.readouterr().out.strip()
 
 

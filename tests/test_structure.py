@@ -104,6 +104,13 @@ def test_no_module_over_450_lines() -> None:
     assert {name: n for name, n in sizes.items() if n > MAX_LINES} == {}
 
 
+def test_no_test_file_over_500_lines() -> None:
+    """Tests split by subject, so a newcomer finds a behaviour's tests by the file's name."""
+    tests = Path(__file__).parent
+    sizes = {str(p.relative_to(tests)): len(p.read_text().splitlines()) for p in tests.rglob("*.py")}
+    assert {name: n for name, n in sizes.items() if n > 500} == {}
+
+
 def _package_imports(prefix: str) -> set[str]:
     return {t for m, targets in _imports().items() if m.startswith(prefix) for t in targets}
 

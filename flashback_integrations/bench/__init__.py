@@ -1,1 +1,1 @@
-"""Benchmarks whose outputs (JSON + PNG) are committed and quoted in the README."""
+"""Benchmarks whose outputs (JSON + PNG) are committed and quoted in the docs."""

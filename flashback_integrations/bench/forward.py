@@ -26,7 +26,7 @@ def forward_costs(
     A cycle of ``stride`` tokens costs ``stride - 1`` one-token decode steps plus one retrieval
     forward: append re-feeds ``stride + doc_tokens`` ids after the kept cache (marks off, as in
     ``run_case``); prepend recomputes all T ids. So the ratios that ``bench speed`` measures follow
-    from ``refeed/decode`` and ``recompute/decode`` on the machine at hand: this is METHOD.md's cost
+    from ``refeed/decode`` and ``recompute/decode`` on the machine at hand: this is docs/method.md's cost
     model with measured, not counted, costs.
     """
     import torch

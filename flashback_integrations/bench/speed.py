@@ -1,4 +1,4 @@
-"""Runtime of prepend (recompute), append (FlashBack) and plain cached decoding: METHOD.md's protocol.
+"""Runtime of prepend (recompute), append (FlashBack) and plain cached decoding: docs/method.md's protocol.
 
 Random-token prompt, greedy decoding with a fresh random ``doc_tokens`` passage every ``stride``
 tokens, the same engine, dtype and kernels for every mode, last-position logits only. On a CPU each

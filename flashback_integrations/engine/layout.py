@@ -1,4 +1,4 @@
-"""The context the model sees at each step: the METHOD.md layout table, in one place.
+"""The context the model sees at each step: the docs/method.md layout table, in one place.
 
 The engine, the trainer and the evaluation all build contexts with these functions, so the
 layout that is trained is the layout that is served and scored.
@@ -200,7 +200,7 @@ def build_context(
     bos_id: int | None,
     block_offset: int = 0,
 ) -> list[int]:
-    """Ids of the context that predicts the next token (METHOD.md, "Context layout").
+    """Ids of the context that predicts the next token (docs/method.md, "Context layout").
 
     ``block`` is already wrapped by :func:`wrap_block`; ``block_step`` is ``j``, the number of
     generated tokens when it was retrieved. ``block_offset`` (append) puts the block that many
@@ -245,7 +245,7 @@ def build_spans(
     passage_sink: bool = False,
     block_offset: int = 0,
 ) -> list[Span]:
-    """The context as spans (METHOD.md): one causal span for none/append/prepend, and for
+    """The context as spans (docs/method.md): one causal span for none/append/prepend, and for
     ``isolated`` the head ``H[:-t]``, the passage segments at negative positions ending at -1, and the
     tail ``H[-t:] + G[j:]`` continuing the head's positions (``H = P + G[:j]``).
 

@@ -1,6 +1,6 @@
 """The decode loop with periodic retrieval.
 
-Every step lays out the full context (``layout.build_spans``, the METHOD.md table) and asks
+Every step lays out the full context (``layout.build_spans``, the docs/method.md table) and asks
 :class:`~.kvcache.KVContext` for its next-token logits; the cache logic lives there alone. The loop
 decides when to retrieve, what the model sees, how a token is chosen, and what is reported.
 """

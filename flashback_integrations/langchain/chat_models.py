@@ -50,7 +50,7 @@ class ChatFlashBack(FlashBackSettings, BaseChatModel):
     """A chat model that retrieves every ``stride`` tokens while it answers.
 
     The first retrieval's query is the last user message; later ones are the last ``query_tokens``
-    tokens, as METHOD.md specifies. Calls are independent (each has its own KV cache), so ``batch``
+    tokens, as docs/method.md specifies. Calls are independent (each has its own KV cache), so ``batch``
     and threads run in parallel with the same outputs as sequential calls.
     """
 

@@ -1,4 +1,4 @@
-"""Training and evaluation examples: METHOD.md's target windows with a retrieved passage each.
+"""Training and evaluation examples: docs/method.md's target windows with a retrieved passage each.
 
 An example is stored as token ids (source window, retrieved passage, target), not as a layout:
 the same examples give the append and prepend layouts, with or without marks
@@ -51,12 +51,12 @@ class Example:
 
 @dataclass(frozen=True)
 class ExampleSettings:
-    """METHOD.md's windows: targets of ``target_tokens`` every ``target_every`` tokens from
+    """docs/method.md's windows: targets of ``target_tokens`` every ``target_every`` tokens from
     ``first_target``, the query from the ``query_tokens`` before, ``num_passages`` passages cut to
     ``max_doc_tokens``, and ``|src| + |doc|`` drawn uniformly in ``[min_window, context_budget -
     target_tokens - 2]`` so the example fits ``context_budget`` positions with both marks."""
 
-    context_budget: int = setting(512, "Positions an example may use (METHOD.md: 512).")
+    context_budget: int = setting(512, "Positions an example may use (docs/method.md: 512).")
     target_tokens: int = setting(16, "Target length s (= the retrieval stride).")
     target_every: int = setting(16, "A target every N tokens of a document.")
     first_target: int = setting(512, "First target position in a document.")

@@ -34,7 +34,7 @@ class PplRow:
     adapter_layout: str | None = None
     """The layout the adapter was trained for, when the row scores it in another one on purpose."""
     tail_tokens: int = 1
-    """isolated rows: history tokens that read the passages (METHOD.md's t)."""
+    """isolated rows: history tokens that read the passages (docs/method.md's t)."""
 
     def __post_init__(self) -> None:
         if self.layout not in ("none", "append", "prepend", "isolated"):

@@ -1,4 +1,4 @@
-"""Scoring METHOD.md's examples: one padded batch per layout (4D masks for the isolated one), the
+"""Scoring docs/method.md's examples: one padded batch per layout (4D masks for the isolated one), the
 target tokens' log-probabilities. The trainer's loss and the evaluation's perplexity both use it."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The bundled trainer: LoRA + the two marking-token rows, on METHOD.md's examples.
+"""The bundled trainer: LoRA + the two marking-token rows, on docs/method.md's examples.
 
 Only PEFT's own mechanisms decide what trains: LoRA matrices on the chosen linear layers and,
 with marks, PEFT trainable tokens for exactly the ``<MARK_L>``/``<MARK_R>`` rows (the base
