@@ -2,49 +2,27 @@
 
 from __future__ import annotations
 
-import logging
-import threading
-import warnings
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .chat import chat_template_ids, text_with_passages
+from .calls import default_mode as call_default_mode
+from .calls import prepare_call
+from .calls import resolve_config as resolve_call_config
+from .chat import chat_template_ids
 from .config import FlashBackConfig
-from .engine.backend import Backend, TorchBackend, check_backend
-from .engine.constrained import Constraint, Grammar
-from .engine.layout import MARK_L, MARK_R, MarkIds, block_budget, find_mark_ids, prompt_ids
+from .engine.backend import Backend, TorchBackend
+from .engine.layout import MarkIds, find_mark_ids, prompt_ids
 from .engine.loop import GenerationSpec, run, run_rows
 from .engine.passages import DEFAULT_PASSAGE_CACHE_BYTES, PassageKVCache
 from .engine.pool import DEFAULT_CONTEXT_POOL_BYTES
-from .engine.sampling import Sampling, validate_logprobs, validate_sampling
-from .errors import ConfigError, ContextWindowError, MarksUnavailableError
-from .events import Event, FlashBackCallback, GenerationResult, check_call_arguments, final_result
-from .loading.adapter import AdapterManifest, load_adapter
-from .loading.devices import auto_placement, check_model_kwargs, check_trust_remote_code
-from .loading.resolve import exported_config, load_pretrained, resolve_model
-from .loading.shipped import choose_adapter, safe_mode, untrained_append_warning
-from .retrieval import RetrieverLike, as_retrieve_fn
-
-logger = logging.getLogger("flashback_integrations")
-
-
-def with_saved(config: FlashBackConfig | None, saved: FlashBackConfig | None) -> FlashBackConfig | None:
-    """A call's settings over what an adapter or export recorded: its layout and tail unless chosen."""
-    if config is None or saved is None:
-        return config or saved
-    if config.mode is None:
-        config = config.replace(mode=saved.mode)
-    return config if config.tail_tokens is not None else config.replace(tail_tokens=saved.tail_tokens)
-
-
-MAX_SHARED_MODELS = 4
-"""Models ``FlashBackModel.shared`` keeps loaded (least recently used out first); a caller holding one keeps it."""
-_SHARED: OrderedDict[tuple[Any, ...], FlashBackModel] = OrderedDict()
-_SHARED_LOCK = threading.Lock()
+from .errors import ConfigError
+from .events import Event, GenerationResult, final_result
+from .loading.adapter import AdapterManifest
+from .loading.pretrained import backend_parts, load_parts, shared_model
+from .retrieval import RetrieverLike
 
 
 class FlashBackModel:
@@ -74,6 +52,8 @@ class FlashBackModel:
         self.name = name or getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
         self.adapter_manifest = adapter_manifest
         self.generation_config = generation_config
+        self.logged: dict[str, Any] = {}
+        """What was logged or warned once per model (the resolved mode, untrained append)."""
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -107,56 +87,10 @@ class FlashBackModel:
         ``trust_remote_code=True``. ``backend="llamacpp"`` runs a GGUF instead (:meth:`from_gguf`),
         ``backend="openai"`` a completions server at ``server_url`` (:meth:`from_server`).
         """
-        check_trust_remote_code(trust_remote_code)
-        model_kwargs = check_model_kwargs(model_kwargs)
-        if backend == "auto":
-            from .loading.backends import AUTO_REASONS, auto_backend
-
-            mode = config.mode if config is not None else None
-            if name_or_path == "default" and adapter is None:  # the shipped adapter the config asks for, or none
-                adapter = choose_adapter(name_or_path, None, config) or "none"
-            backend = auto_backend(name_or_path, adapter, dtype, device, model_kwargs, mode)
-            logger.info("%s: backend=%s (auto: %s)", name_or_path, backend, AUTO_REASONS[backend])
-        if backend != "torch":
-            from .loading.backends import load_backend
-
-            if model_kwargs or trust_remote_code:
-                raise ConfigError(
-                    f"model_kwargs and trust_remote_code are torch from_pretrained arguments; backend={backend!r} "
-                    "loads no transformers model. Drop them."
-                )
-            where = {"gguf": gguf, "server_url": server_url, "served_model": served_model}
-            mode = config.mode if config is not None else None
-            return cls._with_saved(load_backend(name_or_path, adapter, backend, **where, mode=mode), config)
-        dtype, device = auto_placement(dtype, device, model_kwargs.get("device_map"))
-        if revision is not None and (not isinstance(revision, str) or not revision.strip()):
-            raise ConfigError(f"revision must be a branch, tag or commit name, got {revision!r}.")
-        adapter = choose_adapter(name_or_path, adapter, config)
-
-        source = resolve_model(name_or_path)
-        hub = {"revision": revision} if revision is not None else {}
-        tokenizer = load_pretrained(source, "tokenizer", trust_remote_code=trust_remote_code, **hub)
-        model = load_pretrained(
-            source, "model", trust_remote_code=trust_remote_code, dtype=dtype, **hub, **model_kwargs
-        )
-        if device is not None and model_kwargs.get("device_map") is None and not getattr(model, "is_quantized", False):
-            model.to(device)
-        manifest = None
-        if adapter is not None:
-            model, tokenizer, manifest = load_adapter(
-                model, tokenizer, adapter, merge=merge_adapter, check_base=check_adapter_base
-            )
-        # the adapter's settings, or those a `flashback export` folder records (its adapter merged)
-        saved = manifest.flashback_config if manifest is not None else exported_config(source)
-        return cls(
-            model,
-            tokenizer,
-            config=with_saved(config, FlashBackConfig.from_dict(saved) if saved else None),
-            name=name_or_path,
-            adapter_manifest=manifest,
-            passage_cache_bytes=passage_cache_bytes,
-            context_cache_bytes=context_cache_bytes,
-        )
+        where = {"gguf": gguf, "server_url": server_url, "served_model": served_model}
+        parts = load_parts(name_or_path, adapter, config, dtype, device, merge_adapter, check_adapter_base,
+                                      revision, trust_remote_code, backend, where, model_kwargs)  # fmt: skip
+        return cls(**parts, passage_cache_bytes=passage_cache_bytes, context_cache_bytes=context_cache_bytes)
 
     @classmethod
     def from_gguf(
@@ -174,7 +108,7 @@ class FlashBackModel:
         from .loading.backends import load_llamacpp
 
         loaded = load_llamacpp(name_or_path, gguf, n_threads, n_ctx, kv_type=kv_type, passage_room=passage_room)
-        return cls._with_saved(loaded, config)
+        return cls(**backend_parts(loaded, config))
 
     @classmethod
     def from_server(
@@ -191,11 +125,7 @@ class FlashBackModel:
         keeps the text before the block. Modes none, prepend, append; the server samples."""
         from .loading.backends import load_server
 
-        return cls._with_saved(load_server(name_or_path, server_url, served_model, api_key), config)
-
-    @classmethod
-    def _with_saved(cls, loaded: dict[str, Any], config: FlashBackConfig | None) -> FlashBackModel:
-        return cls(None, config=with_saved(config, loaded.pop("config")), **loaded)
+        return cls(**backend_parts(load_server(name_or_path, server_url, served_model, api_key), config))
 
     @classmethod
     def shared(
@@ -213,28 +143,8 @@ class FlashBackModel:
         """One instance per (model, adapter, loading arguments) in this process: framework objects built
         many times over the same model (LangChain, LlamaIndex) load the weights once. ``mode`` picks
         the shipped adapter of ``"default"`` for that layout."""
-        check_trust_remote_code(trust_remote_code)
-        model_kwargs = check_model_kwargs(model_kwargs)
-        dtype, placed = auto_placement(dtype, device, model_kwargs.get("device_map"))
-        chosen = choose_adapter(name_or_path, adapter, FlashBackConfig(mode=mode) if mode else None)
-        loading = (str(dtype), str(placed), revision, bool(trust_remote_code), backend)
-        key = (name_or_path, str(chosen) if chosen else None, *loading, repr(sorted(model_kwargs.items())))
-        with _SHARED_LOCK:
-            if key not in _SHARED:
-                _SHARED[key] = cls.from_pretrained(
-                    name_or_path,
-                    adapter=chosen or "none",
-                    dtype=dtype,
-                    device=placed,
-                    revision=revision,
-                    trust_remote_code=trust_remote_code,
-                    backend=backend,
-                    **model_kwargs,
-                )
-            _SHARED.move_to_end(key)
-            while len(_SHARED) > MAX_SHARED_MODELS:
-                _SHARED.popitem(last=False)
-            return _SHARED[key]
+        return shared_model(cls.from_pretrained, name_or_path, adapter, dtype, device, mode, revision,
+                                 trust_remote_code, backend, model_kwargs)  # fmt: skip
 
     # ----------------------------------------------------------------- properties
     @property
@@ -274,120 +184,18 @@ class FlashBackModel:
         return chat_template_ids(self.tokenizer, messages, tools)
 
     def default_mode(self) -> tuple[str, str]:
-        """The layout a call gets when it names none, and why: the adapter's (or the export's), else
-        :func:`safe_mode` (untrained append reads passages poorly: it runs only when asked for)."""
-        if self.config.mode is not None:
-            source = "its adapter's layout" if self.adapter_manifest is not None else "the model's saved layout"
-            return self.config.mode, source
-        return safe_mode(self.backend.places_positions)
+        """The layout a call gets when it names none, and why (:func:`.calls.default_mode`)."""
+        return call_default_mode(self)
 
     def resolve_config(self, config: FlashBackConfig | None = None, **overrides: Any) -> FlashBackConfig:
         """The settings of one call; ``mode=None`` means this model's own layout (:meth:`default_mode`)."""
-        config = config or self.config
-        if overrides:
-            config = config.replace(**overrides)
-        if config.mode is None:
-            mode, why = self.default_mode()
-            if getattr(self, "_mode_logged", None) != mode:  # once per model and mode
-                self._mode_logged = mode
-                logger.info("%s: mode=%s (%s)", self.name, mode, why)
-            config = config.replace(mode=mode)
-        if config.tail_tokens is None:
-            config = config.replace(tail_tokens=self.config.tail_tokens or 1)
-        return config
-
-    def _warn_untrained_append(self, config: FlashBackConfig) -> None:
-        untrained = config.mode == "append" and self.adapter_manifest is None and self.mark_ids is None
-        if untrained and not getattr(self, "_append_warned", False):
-            self._append_warned = True
-            warnings.warn(untrained_append_warning(self.name), UserWarning, stacklevel=4)
-
-    def _marks_for(self, config: FlashBackConfig) -> MarkIds | None:
-        marks = self.mark_ids
-        if config.marks is True and marks is None:
-            raise MarksUnavailableError(
-                f"marks=True but {self.name!r} has no {MARK_L}/{MARK_R} tokens. Load a FlashBack adapter "
-                "(FlashBackModel.from_pretrained(base, adapter=DIR)) or a model saved with the marks, "
-                "or set marks=False."
-            )
-        return marks if config.marks is not False else None
+        return resolve_call_config(self, config, **overrides)
 
     def prepare(
-        self,
-        prompt: str | Sequence[int],
-        retriever: RetrieverLike | None = None,
-        config: FlashBackConfig | None = None,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        ignore_eos: bool = False,
-        callbacks: Sequence[FlashBackCallback] | None = None,
-        output_logits: bool = False,
-        first_query: str | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        repetition_penalty: float = 1.0,
-        grammar: Grammar | None = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
+        self, prompt: str | Sequence[int], retriever: RetrieverLike | None = None, **kwargs: Any
     ) -> GenerationSpec:
-        """Validate everything and fail before any model work."""
-        named = (config or self.config).mode
-        config = self.resolve_config(config)
-        reason = None if named is not None else self.default_mode()[1]
-        self._warn_untrained_append(config)
-        check_call_arguments(ignore_eos, output_logits, callbacks, first_query)
-        stop = validate_sampling(temperature, top_p, max_new_tokens, seed, stop, top_k, min_p, repetition_penalty)
-        top = validate_logprobs(logprobs, top_logprobs)
-        if grammar is not None:
-            if not isinstance(grammar, Grammar):
-                raise ConfigError(
-                    f"grammar must be a Grammar (Grammar.json_schema(...), .json_object(), .lark(...), .regex(...)), "
-                    f"got {type(grammar).__name__}."
-                )
-            if ignore_eos:
-                raise ConfigError("a grammar ends the output with EOS; it cannot be combined with ignore_eos=True.")
-            Constraint(grammar, self.tokenizer, self.backend.vocab_size, self.eos_ids)
-        if config.retrieves and retriever is None:
-            raise ConfigError(
-                f"mode={config.mode!r} needs a retriever (an object with retrieve(query, k) or a "
-                "callable (query, k) -> list[str]); pass one, or use mode='none'."
-            )
-        check_backend(self.backend, config, self.name, grammar is not None, output_logits, top is not None)
-        marks = self._marks_for(config)
-        prompt, question = text_with_passages(self.tokenizer, prompt, retriever, config, first_query)
-        prompt_ids = self.encode(prompt)
-        window = self.context_window
-        block = block_budget(config.num_passages, config.max_doc_tokens, marks is not None) if config.retrieves else 0
-        needed = len(prompt_ids) + max_new_tokens - 1 + block
-        if window is not None and needed > window:
-            raise ContextWindowError(
-                f"Prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) + retrieval block "
-                f"(up to {block} tokens: num_passages={config.num_passages} x max_doc_tokens={config.max_doc_tokens}"
-                f"{' + 2 marks' if marks else ''}) needs a context of {needed} tokens, but {self.name!r} "
-                f"has {window}. Shorten the prompt, lower max_new_tokens, num_passages or max_doc_tokens."
-            )
-        return GenerationSpec(
-            prompt_ids=prompt_ids,
-            config=config,
-            marks=marks,
-            max_new_tokens=max_new_tokens,
-            retrieve=as_retrieve_fn(retriever) if (config.retrieves and retriever is not None) else None,
-            sampling=Sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed),
-            stop=list(stop or []),
-            eos_ids=set() if ignore_eos else self.eos_ids,
-            callbacks=list(callbacks or []),
-            output_logits=output_logits,
-            first_query=first_query,
-            passage_cache=self.passage_cache if config.mode == "isolated" else None,
-            fingerprint=self.backend.fingerprint() if config.mode == "isolated" else None,
-            grammar=grammar,
-            top_logprobs=top,
-            mode_reason=reason,
-            question=question,
-        )
+        """Validate everything and fail before any model work (the arguments: :func:`.calls.prepare_call`)."""
+        return prepare_call(self, prompt, retriever, **kwargs)
 
     def stream(
         self, prompt: str | Sequence[int], retriever: RetrieverLike | None = None, **kwargs: Any
@@ -405,7 +213,7 @@ class FlashBackModel:
     ) -> GenerationResult:
         """Generate up to ``max_new_tokens`` with a retrieval every ``config.stride`` tokens.
 
-        Takes :meth:`prepare`'s keyword arguments (declared there once): ``config``, ``max_new_tokens``,
+        Takes :func:`.calls.prepare_call`'s keyword arguments (declared there once): ``config``, ``max_new_tokens``,
         sampling (``temperature > 0`` with ``top_k``/``top_p``/``min_p``/``seed``; ``repetition_penalty``
         applies to greedy decoding too), ``stop``, ``ignore_eos``, ``callbacks``, ``first_query``, a
         ``grammar`` (:class:`~.engine.constrained.Grammar`: JSON schema, JSON object, Lark, regex) and

@@ -300,16 +300,17 @@ def test_llamaindex_refuses_what_it_would_drop_or_misuse(tiny_path) -> None:
 
 
 def test_shared_models_are_bounded(monkeypatch) -> None:
-    from flashback_integrations import model as model_module
+    from collections import OrderedDict
+
+    from flashback_integrations.loading import pretrained
 
     loaded = []
-    monkeypatch.setattr(model_module, "_SHARED", model_module.OrderedDict())
-    monkeypatch.setattr(
-        model_module.FlashBackModel, "from_pretrained", classmethod(lambda cls, name, **kw: loaded.append(name) or name)
-    )
-    for i in range(model_module.MAX_SHARED_MODELS + 3):
-        model_module.FlashBackModel.shared(f"/m{i}", adapter="none", device="cpu")
-    assert len(model_module._SHARED) == model_module.MAX_SHARED_MODELS
+    monkeypatch.setattr(pretrained, "_SHARED", OrderedDict())
+    fake = classmethod(lambda cls, name, **kw: loaded.append(name) or name)
+    monkeypatch.setattr(FlashBackModel, "from_pretrained", fake)
+    for i in range(pretrained.MAX_SHARED_MODELS + 3):
+        FlashBackModel.shared(f"/m{i}", adapter="none", device="cpu")
+    assert len(pretrained._SHARED) == pretrained.MAX_SHARED_MODELS
 
 
 # ---------------------------------------------------------------- property tests: messages, calls, passages

@@ -80,7 +80,7 @@ def test_device_map_loads_through_accelerate(tiny_dir) -> None:
 )
 def test_bad_loading_arguments_fail_before_loading(tiny_dir, monkeypatch, kwargs, message) -> None:
     loaded = []
-    monkeypatch.setattr("flashback_integrations.model.load_pretrained", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr("flashback_integrations.loading.pretrained.load_pretrained", lambda *a, **k: loaded.append(a))
     with pytest.raises(ConfigError, match=message):
         FlashBackModel.from_pretrained(str(tiny_dir), **kwargs)
     assert loaded == []
